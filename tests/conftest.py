@@ -1,0 +1,52 @@
+"""Shared fixtures: a real local Ray instance, a real embedded Kafka-protocol broker, real files."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from senmon.config import DEFAULT_CONFIG, SenmonConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_config_data() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+
+
+@pytest.fixture()
+def make_config(tmp_path, embedded_config_data):
+    """Build a config from the shipped embedded one, with a private storage root and overrides."""
+
+    def build(**overrides) -> SenmonConfig:
+        data = copy.deepcopy(embedded_config_data)
+        data["storage_root"] = str(tmp_path / "storage")
+        data["corpus_dir"] = str(REPO / "data" / "corpus")
+        for key, value in overrides.items():
+            data[key] = value
+        return parse_config(data, source="test", base_dir=REPO / "configs")
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """One embedded broker for the session, on a free loopback port."""
+    from senmon.ingest.broker import EmbeddedBroker
+
+    with EmbeddedBroker(log_dir=tmp_path_factory.mktemp("broker")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance for the session (logical CPUs above the 2 cores, as the embedded config)."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, namespace="senmon-test", log_to_driver=False)
+    yield ray
+    ray.shutdown()

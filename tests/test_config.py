@@ -1,0 +1,127 @@
+"""Configuration: the shipped files validate; bad keys and bad types give messages naming them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from senmon.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "senmon.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def test_shipped_embedded_config_is_valid():
+    config = load_config(REPO / "configs" / "embedded.yaml")
+    assert config.kafka.embedded and config.kafka.bootstrap_servers == ["127.0.0.1:19092"]
+    assert {s.name for s in config.specialists} >= {"law", "code", "dictionary", "literature", "japanese"}
+    # relative paths are resolved against the file, not the working directory
+    assert Path(config.corpus_dir) == REPO / "data" / "corpus"
+    assert Path(config.storage_root) == REPO / "var" / "storage"
+
+
+def test_production_example_is_valid(monkeypatch):
+    config = load_config(REPO / "configs" / "production.example.yaml")
+    assert config.storage_root.startswith("s3://")  # URIs are kept as they are
+    monkeypatch.setenv("SENMON_KAFKA_PASSWORD", "s3cret")
+    kwargs = config.kafka.client_kwargs()
+    assert kwargs["security_protocol"] == "SASL_SSL"
+    assert kwargs["sasl_plain_password"] == "s3cret"
+    assert kwargs["ssl_cafile"] == "/etc/ssl/certs/kafka-ca.pem"
+
+
+def test_missing_password_variable_is_named(monkeypatch):
+    config = load_config(REPO / "configs" / "production.example.yaml")
+    monkeypatch.delenv("SENMON_KAFKA_PASSWORD", raising=False)
+    with pytest.raises(ConfigError, match="SENMON_KAFKA_PASSWORD"):
+        config.kafka.client_kwargs()
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path, embedded_config_data):
+    data = dict(embedded_config_data)
+    data["specialists"] = [dict(data["specialists"][0], gpu_fraction=0.5)]
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, data))
+    message = str(caught.value)
+    assert "specialists.0.gpu_fraction" in message
+    assert "unknown key" in message
+    assert str(tmp_path / "senmon.yaml") in message
+
+
+def test_unknown_top_level_key_is_named(tmp_path, embedded_config_data):
+    with pytest.raises(ConfigError, match=r"(?m)^  kafak: unknown key"):
+        load_config(write(tmp_path, dict(embedded_config_data, kafak={"embedded": True})))
+
+
+def test_bad_type_is_named_with_the_value(tmp_path, embedded_config_data):
+    data = dict(embedded_config_data, http={"port": "eighty"})
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, data))
+    assert "http.port" in str(caught.value)
+    assert "'eighty'" in str(caught.value)
+
+
+def test_several_errors_are_all_reported(tmp_path, embedded_config_data):
+    data = dict(embedded_config_data, training={"batch_size": 0, "vocab_size": "big"})
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, data))
+    assert "training.batch_size" in str(caught.value) and "training.vocab_size" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "patch, fragment",
+    [
+        ({"kafka": {"embedded": True, "bootstrap_servers": ["10.0.0.5:9092"]}}, "loopback"),
+        ({"kafka": {"embedded": False, "bootstrap_servers": ["kafka:9092"], "security_protocol": "SASL_SSL"}},
+         "sasl_mechanism"),
+        ({"kafka": {"bootstrap_servers": ["no-port"]}}, "kafka.bootstrap_servers"),
+    ],
+)
+def test_kafka_rules(tmp_path, embedded_config_data, patch, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(write(tmp_path, dict(embedded_config_data, **patch)))
+
+
+def test_specialist_rules(make_config, embedded_config_data):
+    base = embedded_config_data["specialists"][0]
+    with pytest.raises(ConfigError, match="repeated: law"):
+        make_config(specialists=[base, base])
+    with pytest.raises(ConfigError, match="specialists.0.name"):
+        make_config(specialists=[dict(base, name="Bad Name")])
+    with pytest.raises(ConfigError, match="exceeds the replica's GPU share"):
+        make_config(specialists=[dict(base, serving={"num_gpus": 0.25, "gpu_memory_utilization": 0.5})])
+    with pytest.raises(ConfigError, match="specialists.0.schedule.interval"):
+        make_config(specialists=[dict(base, schedule={"interval": "often"})])
+    with pytest.raises(ConfigError, match="min_params"):
+        make_config(specialists=[dict(base, size={"min_params": 10_000_000, "max_params": 20_000})])
+
+
+def test_schedule_interval_in_seconds(make_config, embedded_config_data):
+    base = embedded_config_data["specialists"][0]
+    config = make_config(specialists=[dict(base, schedule={"interval": "90m"})])
+    assert config.specialists[0].schedule.interval_seconds == 5400
+
+
+def test_unreadable_and_non_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("specialists: [unclosed", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_config(["a", "list"])
+
+
+def test_api_keys_from_environment(make_config, monkeypatch):
+    monkeypatch.setenv("SENMON_API_KEYS", "k1, k2")
+    config = make_config(http={"api_keys": ["k0"]})
+    api, admin = config.http.resolved_keys()
+    assert api == ["k0", "k1", "k2"]
