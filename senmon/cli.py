@@ -1,0 +1,239 @@
+"""The `senmon` command line: a thin layer that parses arguments and calls the modules.
+
+Every command takes `--config FILE` (default: $SENMON_CONFIG, else configs/embedded.yaml).
+Errors a user can fix print one line and exit with status 2; there are no tracebacks for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from senmon.config import ConfigError, SenmonConfig, load_config
+
+
+class CommandError(RuntimeError):
+    """A failure with a message meant for the user (printed as one line)."""
+
+
+def _print_table(headers: list[str], rows: list[list], out=sys.stdout) -> None:
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        out.write("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + "\n")
+        if index == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+def print_data_summary(config: SenmonConfig) -> None:
+    from senmon.ingest.store import DatasetStore
+
+    store = DatasetStore(config.storage_root)
+    rows = []
+    for item in store.summary(config.domains):
+        d, c = item.documents, item.characters
+        rows.append([item.domain, d["train"], d["validation"], d["test"], f"{sum(c.values()):,}",
+                     f"{sum(c.values()) / max(1, sum(d.values())):.0f}"])
+    _print_table(["domain", "train", "validation", "test", "characters", "chars/doc"], rows)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_config(args, config: SenmonConfig) -> int:
+    print(f"{args.config or 'default config'}: valid")
+    print(f"  storage root: {config.storage_root}")
+    print(f"  kafka: {'embedded broker on ' if config.kafka.embedded else ''}{', '.join(config.kafka.bootstrap_servers)}")
+    print(f"  ray: {config.ray.address or 'local instance'}")
+    print(f"  specialists: {', '.join(s.name for s in config.specialists)} (+ {config.generalist.name})")
+    return 0
+
+
+def cmd_data(args, config: SenmonConfig) -> int:
+    from senmon.ingest.store import DatasetStore
+
+    seeded = DatasetStore(config.storage_root).seed_from_corpus(config.corpus_dir, config.domains)
+    print(f"dataset store {config.storage_root}: {sum(seeded.values()):,} seed documents in {len(seeded)} domains")
+    print_data_summary(config)
+    return 0
+
+
+def _with_registry(config: SenmonConfig):
+    """Ray (no Kafka) plus the registry actor, for commands that read or change versions."""
+    from senmon.actors.registry import get_or_create_registry
+    from senmon.stack import start_stack
+
+    stack = start_stack(config, kafka=False)
+    return stack, get_or_create_registry(config.storage_root)
+
+
+def _version_line(record: dict) -> str:
+    ppl = (record.get("metrics") or {}).get("val_ppl")
+    shown = f"val ppl {ppl:.2f}" if isinstance(ppl, (int, float)) else "no metrics"
+    return f"{record['specialist']} v{record['version']}: {record['status']} ({shown}) - {record.get('reason', '')}"
+
+
+def cmd_train(args, config: SenmonConfig) -> int:
+    import ray
+
+    from senmon.ingest.store import DatasetStore
+    from senmon.train.job import train_and_register
+
+    names = [s.name for s in config.specialists] + [config.generalist.name]
+    if args.name not in names:
+        raise CommandError(f"no specialist named {args.name!r} (configured: {', '.join(names)})")
+    stack, registry = _with_registry(config)
+    with stack:
+        DatasetStore(config.storage_root).seed_from_corpus(config.corpus_dir, config.domains)
+        print(f"==> training {args.name} ({'from ' + args.init if args.init else 'from scratch'}) on Ray Train")
+        record = train_and_register(config, args.name, registry, init=args.init)
+        sizing, metrics = record["sizing"], record["metrics"]
+        shape = sizing.get("shape", {})
+        print(f"    shape: hidden {shape.get('hidden_size')}, layers {shape.get('num_hidden_layers')}, "
+              f"{sizing.get('non_embedding_params', 0):,} non-embedding params; {sizing.get('rule')}")
+        print(f"    trained on {record['data']['tokens_seen']:,} tokens at {metrics['train_tokens_per_s']:,.0f} tokens/s; "
+              f"validation perplexity by domain: "
+              + ", ".join(f"{d} {p:.1f}" for d, p in sorted(metrics["val_ppl_by_domain"].items())))
+        print(_version_line(record))
+        print(f"    checkpoint: {record['path']}")
+        ray.shutdown()
+    return 0 if record["status"] in ("serving", "rejected") else 1
+
+
+def cmd_versions(args, config: SenmonConfig) -> int:
+    import ray
+
+    stack, registry = _with_registry(config)
+    with stack:
+        if args.command == "promote":
+            record = ray.get(registry.promote.remote(args.name, args.version, config.training.promotion_margin,
+                                                     force=args.force))
+            print(_version_line(record))
+        elif args.command == "rollback":
+            print(_version_line(ray.get(registry.rollback.remote(args.name, args.version))))
+        else:
+            history = ray.get(registry.history.remote(args.name))
+            if args.json:
+                import json
+
+                print(json.dumps(history, indent=2, ensure_ascii=False))
+            for record in [] if args.json else history:
+                print(_version_line(record))
+    return 0
+
+
+def cmd_eval(args, config: SenmonConfig) -> int:
+    import json
+
+    import ray
+
+    from senmon.train.evaluate import compare_on_file, read_eval_file
+
+    by_domain = read_eval_file(args.file)
+    stack, registry = _with_registry(config)
+    with stack:
+        def serving(name: str):
+            record = ray.get(registry.current.remote(name))
+            return (name, record["version"], record["path"]) if record else None
+
+        specialist_for = {}
+        for spec in config.specialists:
+            model = serving(spec.name)
+            for domain in spec.domains:
+                if model:
+                    specialist_for[domain] = model
+        generalist = serving(config.generalist.name)
+        if not specialist_for and generalist is None:
+            raise CommandError("no version is serving yet; train one with 'senmon train NAME'")
+        rows = compare_on_file(by_domain, specialist_for, generalist, config.training.seq_len)
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+
+    def fmt(value, version):
+        return "-" if value is None else f"{value:.2f} (v{version})"
+
+    _print_table(["domain", "docs", "specialist", "specialist ppl", "generalist ppl", "ratio"],
+                 [[r["domain"], r["documents"], r["specialist"] or "-", fmt(r["specialist_ppl"], r["specialist_version"]),
+                   fmt(r["generalist_ppl"], r["generalist_version"]),
+                   "-" if r["specialist_vs_generalist"] is None else f"{r['specialist_vs_generalist']:.2f}"]
+                  for r in rows])
+    return 0
+
+
+def cmd_demo(args, config: SenmonConfig) -> int:
+    from senmon import demo
+
+    return demo.run(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="senmon", description="senmon: one language model made of many small specialists, on Ray and Kafka.")
+    parser.add_argument("--config", help="configuration file (default: $SENMON_CONFIG or configs/embedded.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("config", help="validate the configuration and print what it sets").set_defaults(func=cmd_config)
+    commands.add_parser("data", help="load the shipped corpus into the dataset store and summarise it").set_defaults(func=cmd_data)
+    commands.add_parser("demo", help="the main job on the embedded stack").set_defaults(func=cmd_demo)
+
+    train = commands.add_parser("train", help="train one specialist (or the generalist), register it, apply the gate")
+    train.add_argument("name")
+    train.add_argument("--init", default=None,
+                       help="'scratch' (default), 'current' (continue the serving version) or a local HF model directory")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="perplexity of each domain's specialist and of the generalist on a file")
+    evaluate.add_argument("file", help="JSONL documents with 'text' and 'domain'")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.set_defaults(func=cmd_eval)
+
+    promote = commands.add_parser("promote", help="promote a version through the gate (--force skips the gate)")
+    promote.add_argument("name")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--force", action="store_true")
+    promote.set_defaults(func=cmd_versions)
+    rollback = commands.add_parser("rollback", help="serve an earlier version again (default: the previous one)")
+    rollback.add_argument("name")
+    rollback.add_argument("version", type=int, nargs="?")
+    rollback.set_defaults(func=cmd_versions)
+    history = commands.add_parser("history", help="every version of a specialist with its status and metrics")
+    history.add_argument("name")
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(func=cmd_versions)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from senmon.ingest.broker import BrokerError
+
+    from ray.exceptions import RayTaskError
+
+    user_errors = (ConfigError, CommandError, BrokerError, FileNotFoundError, ValueError, KeyError)
+    started = time.monotonic()
+    try:
+        config = load_config(args.config)
+        return args.func(args, config)
+    except RayTaskError as error:  # an error raised inside an actor or task: show its message, not the remote stack
+        cause = error.cause if isinstance(error.cause, user_errors) else error
+        if cause is error:
+            raise
+        print(f"senmon {args.command}: {cause}", file=sys.stderr)
+        return 2
+    except user_errors as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"senmon {args.command}: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"senmon {args.command}: interrupted after {time.monotonic() - started:.0f} s", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
