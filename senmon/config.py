@@ -122,6 +122,26 @@ class KafkaConfig(_Strict):
         return int(self.bootstrap_servers[0].rsplit(":", 1)[1])
 
 
+# --------------------------------------------------------------------------- ingest
+
+
+class IngestConfig(_Strict):
+    """The Kafka ingest bridge: how many actors read the documents topic, batch limits, retries."""
+
+    actors: int = Field(1, ge=1, description="Ingest actors; the topic's partitions are spread over them.")
+    group_id: str = Field("senmon-ingest", min_length=1,
+                          description="Consumer group whose committed offsets record progress (no group join).")
+    max_document_bytes: int = Field(1_000_000, ge=64, description="Larger messages go to the dead-letter topic.")
+    max_poll_records: int = Field(2000, ge=1, description="Records taken from the consumer per poll.")
+    batch_max_documents: int = Field(20_000, ge=1, description="A batch is written once it holds this many messages...")
+    batch_max_bytes: int = Field(32 * 2**20, ge=1024, description="...or this many bytes of message values...")
+    flush_interval_s: float = Field(2.0, gt=0, description="...or when its oldest message is this old.")
+    retry_backoff_s: float = Field(0.5, gt=0, description="First wait after a Kafka or storage error; doubles each time.")
+    retry_backoff_max_s: float = Field(10.0, gt=0)
+    check_interval_s: float = Field(1.0, gt=0, description="How often the supervisor checks its actors and counts.")
+    actor_num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per ingest actor.")
+
+
 # --------------------------------------------------------------------------- http
 
 
@@ -248,6 +268,7 @@ class SenmonConfig(_Strict):
     corpus_dir: str = Field(description="The prepared JSONL corpus (train/validation/test per domain).")
     ray: RayConfig = RayConfig()
     kafka: KafkaConfig = KafkaConfig()
+    ingest: IngestConfig = IngestConfig()
     http: HttpConfig = HttpConfig()
     training: TrainingConfig = TrainingConfig()
     generalist: GeneralistConfig = GeneralistConfig()
