@@ -219,7 +219,9 @@ class ScheduleConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
-        if value is not None and len(value.split()) != 5:
+        from croniter import croniter
+
+        if value is not None and (len(value.split()) != 5 or not croniter.is_valid(value)):
             raise ValueError(f"{value!r} is not a five-field cron expression")
         return value
 
@@ -259,6 +261,37 @@ class TrainingConfig(_Strict):
     promotion_margin: float = Field(0.01, ge=0, description="Relative validation-perplexity gain needed to promote.")
 
 
+class ServeConfig(_Strict):
+    """The query path: router behaviour, timeouts and engine settings shared by every specialist."""
+
+    app_name: str = Field("senmon", pattern=NAME_PATTERN,
+                          description="Serve application of the router; specialists run as '<app_name>-<model>-v<N>'.")
+    confidence_threshold: float = Field(
+        0.5, ge=0, le=1, description="With model 'auto', a best score below this goes to the generalist.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait for its engine.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when a model has no healthy replica.")
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="max_tokens applied when a request sets none (None: up to the context length).")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for models whose tokenizer has none (None: messages joined by lines).")
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per engine on CPU hosts (VLLM_CPU_KVCACHE_SPACE).")
+    cpus_per_engine: float = Field(1.0, gt=0, description="Logical CPUs reserved per engine replica.")
+    router_replicas: int = Field(1, ge=1)
+    drain_timeout_s: float = Field(60.0, gt=0, description="Longest a swap waits for the old version's requests.")
+
+
+class SchedulerConfig(_Strict):
+    """Scheduled and data-triggered retraining: how many jobs at once, retries, how to start."""
+
+    max_concurrent_jobs: int = Field(
+        1, ge=1, description="Training jobs at once across all specialists; bounds what training takes from serving.")
+    max_retries: int = Field(2, ge=0, description="Further attempts after a failed job.")
+    retry_backoff_s: float = Field(30.0, ge=0, description="Wait before the first retry; doubles each time.")
+    check_interval_s: float = Field(2.0, gt=0, description="How often due schedules are checked.")
+    retrain_from: Literal["current", "scratch"] = Field(
+        "current", description="'current' continues the serving version (same shape); 'scratch' re-sizes by D/20.")
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -270,7 +303,9 @@ class SenmonConfig(_Strict):
     kafka: KafkaConfig = KafkaConfig()
     ingest: IngestConfig = IngestConfig()
     http: HttpConfig = HttpConfig()
+    serve: ServeConfig = ServeConfig()
     training: TrainingConfig = TrainingConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     generalist: GeneralistConfig = GeneralistConfig()
     specialists: list[SpecialistConfig] = Field(min_length=1)
 

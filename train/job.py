@@ -243,13 +243,14 @@ def resolve_init(registry, name: str, init: str | None) -> str | None:
     return str(path)
 
 
-def train_and_register(config: SenmonConfig, name: str, registry, init: str | None = None) -> dict:
+def train_and_register(config: SenmonConfig, name: str, registry, init: str | None = None,
+                       run_id: str | None = None) -> dict:
     """Train `name`, register the version with its metadata, and pass it through the promotion gate.
 
     Returns the version's registry record: status 'serving' when the gate let it through, else
     'rejected' with the reason (the serving version is then unchanged).
     """
-    result = train_model(config, name, init_checkpoint=resolve_init(registry, name, init))
+    result = train_model(config, name, init_checkpoint=resolve_init(registry, name, init), run_id=run_id)
     record = ray.get(registry.register.remote(name, result.run_id, result.checkpoint_path, result.metrics,
                                               result.sizing, {**result.data, "timings": result.timings}))
     return ray.get(registry.promote.remote(name, record["version"], config.training.promotion_margin))

@@ -1,0 +1,233 @@
+"""The retraining scheduler: a named, detached Ray actor that keeps every specialist fresh.
+
+Per specialist it starts a retraining job when the schedule comes due (an interval or a cron
+expression from the config) or when ingest says enough new documents have arrived
+(`data_ready`), or when asked (`trigger`). At most one job per specialist runs at a time and at
+most `scheduler.max_concurrent_jobs` overall; a failed job is retried with backoff. Each job is
+`train_and_register`: Ray Train fits the model, the registry records the version and its gate
+decides. When the version is promoted, the scheduler calls the serving side's swap hook so only
+that specialist's replicas move to it; a rejected version changes nothing.
+
+How training leaves serving its share: Serve replicas reserve their CPUs / GPU fractions when
+they are deployed, and Ray never takes reserved resources away; a job's Ray Train workers ask
+only for `training.cpus_per_worker` (and a GPU when `training.use_gpu`) and the job itself for
+none, so with `max_concurrent_jobs` the scheduler bounds what training can ever hold.
+
+Every run is recorded in `{storage_root}/scheduler/runs.json` (written atomically): trigger,
+start, end, the data snapshot it trained on, the outcome and version. A restarted scheduler
+reads the file back and marks runs that were in flight as interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import time
+import uuid
+
+import ray
+
+from senmon.config import SenmonConfig, parse_config
+from senmon.storage import filesystem, read_bytes, write_atomic
+
+SCHEDULER_ACTOR = "senmon-scheduler"
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def next_due(schedule, after: float) -> float | None:
+    """The next time (epoch seconds) `schedule` comes due after `after`; None without a schedule."""
+    times = []
+    if schedule.interval_seconds:
+        times.append(after + schedule.interval_seconds)
+    if schedule.cron:
+        from croniter import croniter
+
+        times.append(croniter(schedule.cron, after).get_next(float))
+    return min(times) if times else None
+
+
+def call_hook(path: str | None, *args):
+    """Call `module:function` (the serving swap hook, the ingest reset hook) if one is configured."""
+    if not path:
+        return None
+    module, _, function = path.partition(":")
+    return getattr(importlib.import_module(module), function)(*args)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def retrain_job(config_data: dict, name: str, registry_name: str, namespace: str | None, init: str | None,
+                run_id: str) -> dict:
+    """One job: train, register, gate. Uses no CPU itself; its Ray Train workers reserve theirs."""
+    from senmon.train.job import train_and_register
+
+    config = parse_config(config_data, source="scheduler")
+    registry = ray.get_actor(registry_name, namespace=namespace)
+    return train_and_register(config, name, registry, init=init, run_id=run_id)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def run_hook(path: str, *args):
+    return call_hook(path, *args)
+
+
+class Scheduler:
+    """Async actor: a loop checks schedules; jobs run as Ray tasks; every run is recorded."""
+
+    def __init__(self, config_data: dict, registry_name: str, namespace: str | None = None,
+                 swap_hook: str | None = None, data_reset_hook: str | None = None):
+        self.config: SenmonConfig = parse_config(config_data, source="scheduler")
+        self.config_data = config_data
+        self.registry_name, self.namespace = registry_name, namespace
+        self.swap_hook, self.data_reset_hook = swap_hook, data_reset_hook
+        self.fs, base = filesystem(self.config.storage_root)
+        self.path = f"{base}/scheduler/runs.json"
+        raw = read_bytes(self.fs, self.path)
+        self.runs: list[dict] = json.loads(raw)["runs"] if raw else []
+        for run in self.runs:
+            if run["outcome"] == "running":  # the scheduler died under it; its job may not have finished
+                run.update(outcome="interrupted", ended_at=_now(), reason="the scheduler restarted during the run")
+        self.names = [s.name for s in self.config.specialists] + [self.config.generalist.name]
+        self.schedules = {s.name: s.schedule for s in self.config.specialists}
+        self.jobs: dict[str, asyncio.Task] = {}
+        self.waiting: dict[str, dict] = {}  # specialist -> trigger that came while its job ran
+        self.slots: asyncio.Semaphore | None = None
+        self.due: dict[str, float | None] = {}
+        self.loop: asyncio.Task | None = None
+        self._save()
+
+    # ----------------------------------------------------------------- control
+
+    async def start(self) -> bool:
+        """Start the schedule loop (idempotent)."""
+        if self.loop is None or self.loop.done():
+            self.slots = self.slots or asyncio.Semaphore(self.config.scheduler.max_concurrent_jobs)
+            now = time.time()
+            for name, schedule in self.schedules.items():
+                last = max((r["started_ts"] for r in self.runs if r["specialist"] == name), default=now)
+                self.due[name] = next_due(schedule, last)
+            self.loop = asyncio.get_running_loop().create_task(self._check_schedules())
+        return True
+
+    async def data_ready(self, specialist: str, info: dict) -> str:
+        """Ingest's signal: `specialist` has gathered enough new documents since its serving version."""
+        return await self.trigger(specialist, "new data", info)
+
+    async def trigger(self, specialist: str, reason: str = "manual", info: dict | None = None) -> str:
+        """Start a job now, or once the running one ends (never two at once). Returns what happened."""
+        if specialist not in self.names:
+            raise ValueError(f"no specialist named {specialist!r}")
+        await self.start()
+        if specialist in self.jobs and not self.jobs[specialist].done():
+            self.waiting[specialist] = {"trigger": reason, "info": info or {}}
+            return "queued behind the running job"
+        self.jobs[specialist] = asyncio.get_running_loop().create_task(self._run(specialist, reason, info or {}))
+        return "started"
+
+    async def wait_idle(self, timeout_s: float = 600) -> bool:
+        """Wait until no job runs or waits (for tests and the demo)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.waiting and all(job.done() for job in self.jobs.values()):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    # ----------------------------------------------------------------- reading
+
+    async def history(self, specialist: str | None = None) -> list[dict]:
+        return [r for r in self.runs if specialist in (None, r["specialist"])]
+
+    async def status(self) -> dict:
+        await self.start()  # a restarted actor resumes its schedule on the first call
+        out = {}
+        for name in self.names:
+            runs = [r for r in self.runs if r["specialist"] == name]
+            due = self.due.get(name)
+            out[name] = {
+                "running": name in self.jobs and not self.jobs[name].done(),
+                "waiting": name in self.waiting,
+                "last_run": runs[-1] if runs else None,
+                "next_due": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(due)) if due else None,
+            }
+        return out
+
+    async def ping(self) -> bool:
+        return await self.start()
+
+    # ----------------------------------------------------------------- work
+
+    async def _check_schedules(self) -> None:
+        while True:
+            now = time.time()
+            for name, due in list(self.due.items()):
+                if due is not None and due <= now:
+                    self.due[name] = next_due(self.schedules[name], now)
+                    await self.trigger(name, "schedule")
+            await asyncio.sleep(self.config.scheduler.check_interval_s)
+
+    async def _run(self, name: str, reason: str, info: dict) -> None:
+        settings = self.config.scheduler
+        async with self.slots:
+            for attempt in range(settings.max_retries + 1):
+                run = {"run_id": f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                       "specialist": name, "trigger": reason, "attempt": attempt + 1, "started_at": _now(),
+                       "started_ts": time.time(), "ended_at": None, "outcome": "running", "version": None,
+                       "reason": None, "data": info, "swap": None}
+                self.runs.append(run)
+                self._save()
+                try:
+                    if self.data_reset_hook:  # new documents from now on count toward the next job
+                        await run_hook.remote(self.data_reset_hook, name)
+                    init = await self._init_for(name)
+                    record = await retrain_job.remote(self.config_data, name, self.registry_name, self.namespace,
+                                                      init, run["run_id"])
+                    run.update(outcome=record["status"], version=record["version"], reason=record["reason"],
+                               val_ppl=record["metrics"].get("val_ppl"),
+                               data={**info, "shards": record["data"].get("shards"),
+                                     "tokens_seen": record["data"].get("tokens_seen")})
+                    if record["status"] == "serving" and self.swap_hook:
+                        started = time.monotonic()
+                        run["swap"] = await run_hook.remote(self.swap_hook, self.config_data, name, record)
+                        run["swap_s"] = time.monotonic() - started
+                    run["ended_at"] = _now()
+                    self._save()
+                    break
+                except Exception as error:  # recorded, then retried; the serving version is untouched
+                    cause = getattr(error, "cause", None) or error
+                    run.update(outcome="failed", ended_at=_now(), reason=f"{type(cause).__name__}: {cause}")
+                    self._save()
+                    log.warning("retraining %s failed (attempt %d): %s", name, attempt + 1, run["reason"])
+                    if attempt < settings.max_retries:
+                        await asyncio.sleep(settings.retry_backoff_s * 2 ** attempt)
+        follow_up = self.waiting.pop(name, None)
+        if follow_up is not None:  # a trigger arrived while this job ran: its data is not in this version
+            self.jobs[name] = asyncio.get_running_loop().create_task(self._run(name, follow_up["trigger"],
+                                                                               follow_up["info"]))
+
+    async def _init_for(self, name: str) -> str | None:
+        if self.config.scheduler.retrain_from == "scratch":
+            return None
+        registry = ray.get_actor(self.registry_name, namespace=self.namespace)
+        return "current" if await registry.current.remote(name) is not None else None
+
+    def _save(self) -> None:
+        write_atomic(self.fs, self.path, json.dumps({"format": 1, "runs": self.runs}, indent=1,
+                                                    ensure_ascii=False, default=str).encode("utf-8"))
+
+
+def get_or_create_scheduler(config: SenmonConfig, registry_name: str, namespace: str | None = None,
+                            swap_hook: str | None = None, data_reset_hook: str | None = None,
+                            name: str = SCHEDULER_ACTOR):
+    """The named, detached scheduler actor (restarted by Ray after a crash), with its loop started."""
+    actor = ray.remote(Scheduler).options(
+        name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_restarts=-1, num_cpus=0,
+        max_concurrency=64,
+    ).remote(config.model_dump(mode="json"), registry_name, namespace, swap_hook, data_reset_hook)
+    ray.get(actor.start.remote())
+    return actor
