@@ -164,9 +164,191 @@ def cmd_eval(args, config: SenmonConfig) -> int:
 
 
 def cmd_demo(args, config: SenmonConfig) -> int:
-    from senmon import demo
+    import shutil
+    from pathlib import Path
 
-    return demo.run(config)
+    from senmon import demo
+    from senmon.storage import filesystem, is_local
+
+    fs, _ = filesystem(config.storage_root)
+    if is_local(fs):  # the demo works in its own, fresh storage root beside the configured one
+        root = Path(config.storage_root).parent / "demo"
+        shutil.rmtree(root, ignore_errors=True)
+        config = config.model_copy(update={"storage_root": str(root)})
+    report = demo.run(config)
+    return 0 if report["background_failed"] == 0 and report["answered_by_after"] is not None else 1
+
+
+# --------------------------------------------------------------------------- the running system
+
+
+def _state_path(config: SenmonConfig):
+    from pathlib import Path
+
+    return Path.home() / ".senmon" / f"up-{config.name}.json"
+
+
+def _running(config: SenmonConfig) -> dict | None:
+    """What `senmon up` wrote about the system it runs, if that process is still alive."""
+    import json
+    import os
+
+    path = _state_path(config)
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    try:
+        os.kill(state["pid"], 0)
+    except OSError:
+        return None
+    return state
+
+
+def cmd_up(args, config: SenmonConfig) -> int:
+    import json
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    from senmon.system import start_system
+
+    if args.cluster and not config.ray.address:
+        raise CommandError("--cluster needs ray.address in the config (e.g. 'auto' on a cluster node)")
+    if _running(config):
+        raise CommandError(f"senmon is already up (see {_state_path(config)}); 'senmon down' stops it")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"==> starting senmon ({'cluster at ' + config.ray.address if config.ray.address else 'embedded stack'})")
+    with start_system(config, say=lambda m: print("    " + m, flush=True)) as system:
+        state = {"pid": os.getpid(), "url": system.url, "ray_address": ray.get_runtime_context().gcs_address,
+                 "namespace": config.ray.namespace, "kafka": config.kafka.bootstrap_servers,
+                 "storage_root": config.storage_root, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path = _state_path(config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(state, indent=1))
+        print(f"==> senmon is up: {system.url} (OpenAI API at /v1), Kafka {', '.join(config.kafka.bootstrap_servers)}; "
+              f"'senmon status', 'senmon ask', 'senmon ingest FILE', 'senmon down' from another terminal")
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            print("==> stopping senmon", flush=True)
+            path.unlink(missing_ok=True)
+    print("==> stopped")
+    return 0
+
+
+def cmd_down(args, config: SenmonConfig) -> int:
+    import os
+    import signal
+
+    state = _running(config)
+    if state is None:
+        print("senmon is not up")
+        return 0
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline and _running(config):
+        time.sleep(0.5)
+    if _running(config):
+        raise CommandError(f"senmon (pid {state['pid']}) did not stop within {args.timeout:.0f} s")
+    print(f"senmon (pid {state['pid']}) stopped")
+    return 0
+
+
+def _connect(state: dict) -> None:
+    import logging
+
+    import ray
+
+    ray.init(address=state["ray_address"], namespace=state["namespace"], logging_level=logging.WARNING,
+             log_to_driver=False)
+
+
+def cmd_status(args, config: SenmonConfig) -> int:
+    import json
+
+    import ray
+
+    from senmon.serve.app import _records_from_file
+    from senmon.storage import filesystem, read_bytes
+    from senmon.system import INGEST, REGISTRY, SCHEDULER, model_names
+
+    state = _running(config)
+    schedule, ingest = {}, None
+    if state is None:
+        print(f"senmon is not up (storage root {config.storage_root}); versions from the registry file:")
+        records = _records_from_file(config)
+    else:
+        _connect(state)
+        print(f"senmon is up since {state['started_at']}: {state['url']}, Ray {state['ray_address']}")
+        registry = ray.get_actor(REGISTRY)
+        records = {m: r for m in model_names(config) if (r := ray.get(registry.current.remote(m)))}
+        try:
+            schedule = ray.get(ray.get_actor(SCHEDULER).status.remote(), timeout=10)
+        except ValueError:
+            pass
+        try:
+            ingest = ray.get(ray.get_actor(INGEST).status.remote(), timeout=10)
+        except ValueError:
+            pass
+    new_docs = {name: info.get("new_documents") for name, info in (ingest or {}).get("specialists", {}).items()}
+    rows = []
+    for name in model_names(config):
+        record, sched = records.get(name), schedule.get(name, {})
+        last = sched.get("last_run") or {}
+        ppl = (record or {}).get("metrics", {}).get("val_ppl")
+        fresh = new_docs.get(name)
+        rows.append([name, f"v{record['version']}" if record else "-", f"{ppl:.1f}" if ppl else "-",
+                     f"{last.get('outcome', '-')} {last.get('ended_at') or ''}".strip(), sched.get("next_due") or "-",
+                     "-" if fresh is None else fresh])
+    _print_table(["model", "serving", "val ppl", "last training", "next due", "new docs"], rows)
+    fs, base = filesystem(config.storage_root)
+    meta = read_bytes(fs, f"{base}/router/router.json")
+    if meta:
+        meta = json.loads(meta)
+        print(f"router accuracy on the test split: documents {meta.get('test_accuracy_documents', 0):.1%}, "
+              f"100-character snippets {meta.get('test_accuracy_snippets_100', 0):.1%}")
+    if ingest:
+        from senmon.ingest.metrics import format_ingest_status
+
+        print(format_ingest_status(ingest))
+    return 0
+
+
+def cmd_ask(args, config: SenmonConfig) -> int:
+    import httpx
+
+    from senmon.demo import ask
+
+    state = _running(config)
+    url = state["url"] if state else f"http://{config.http.host}:{config.http.port}"
+    api_key = args.api_key or (config.http.resolved_keys()[0] or [None])[0]
+    try:
+        answer = ask(url, args.prompt, model=args.model, max_tokens=args.max_tokens, api_key=api_key)
+    except (OSError, httpx.HTTPError) as error:
+        raise CommandError(f"no senmon server answers at {url} ({error}); start one with 'senmon up'") from None
+    except RuntimeError as error:
+        raise CommandError(str(error)) from None
+    print(answer["text"].strip())
+    print(f"-- answered by {answer['specialist']} v{answer['version']} (router confidence {answer['confidence']:.2f}, "
+          f"routing {answer['routing_ms']:.1f} ms)", file=sys.stderr)
+    return 0
+
+
+def cmd_serve_config(args, config: SenmonConfig) -> int:
+    import yaml
+
+    from senmon.serve.app import build_serve_config
+
+    from pathlib import Path
+
+    path = str(Path(args.config).resolve()) if args.config else None  # replicas run in another directory
+    print(yaml.safe_dump(build_serve_config(config, path), sort_keys=False, allow_unicode=True), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("config", help="validate the configuration and print what it sets").set_defaults(func=cmd_config)
     commands.add_parser("data", help="load the shipped corpus into the dataset store and summarise it").set_defaults(func=cmd_data)
     commands.add_parser("demo", help="the main job on the embedded stack").set_defaults(func=cmd_demo)
+    up = commands.add_parser("up", help="start everything (Ray, broker, ingest, scheduler, serve) and keep it running")
+    up.add_argument("--cluster", action="store_true", help="join the Ray cluster in ray.address instead")
+    up.set_defaults(func=cmd_up)
+    down = commands.add_parser("down", help="stop what 'senmon up' started")
+    down.add_argument("--timeout", type=float, default=120.0)
+    down.set_defaults(func=cmd_down)
+    commands.add_parser("status", help="versions, training runs, ingest lag, router accuracy").set_defaults(func=cmd_status)
+    ask = commands.add_parser("ask", help="ask a question; prints the answer and who answered")
+    ask.add_argument("prompt")
+    ask.add_argument("--model", default="auto", help="'auto' (the router decides) or a specialist's name")
+    ask.add_argument("--max-tokens", type=int, default=48)
+    ask.add_argument("--api-key", default=None, help="default: the first configured API key")
+    ask.set_defaults(func=cmd_ask)
+    commands.add_parser("serve-config", help="print the Serve config (for 'serve deploy') the code builds"
+                        ).set_defaults(func=cmd_serve_config)
 
     train = commands.add_parser("train", help="train one specialist (or the generalist), register it, apply the gate")
     train.add_argument("name")
@@ -215,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray.exceptions import RayTaskError
 
-    user_errors = (ConfigError, CommandError, BrokerError, FileNotFoundError, ValueError, KeyError)
+    user_errors = (ConfigError, CommandError, BrokerError, OSError, ValueError, KeyError)
     started = time.monotonic()
     try:
         config = load_config(args.config)

@@ -1,73 +1,202 @@
-"""`senmon demo`: the main job on the embedded stack.
+"""`senmon demo`: the main job, start to finish, on the embedded stack.
 
-Starts local Ray and the embedded broker, loads the shipped multi-domain corpus into the dataset
-store, reads it back through Ray Data, passes a document through Kafka, prints a summary per
-domain, and stops everything it started.
+1. start local Ray and the embedded Kafka-protocol broker; seed the dataset store from the
+   shipped corpus, holding back part of one domain's training documents ("the stream");
+2. train the shared tokenizer, the generalist and every specialist (Ray Train), register them;
+3. serve them (router + one vLLM engine per model on Ray Serve) and ask a question of each domain,
+   showing which specialist answered and how sure the router was;
+4. stream the held-back documents through Kafka; the ingest actors write them to the dataset,
+   the scheduler retrains that specialist, the gate promotes it and the router swaps to it live,
+   while other specialists keep answering requests (every failure is counted);
+5. report versions and test perplexity before and after, and stop everything it started.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 import time
-from collections import Counter
-import uuid
+from pathlib import Path
+
+import ray
 
 from senmon.config import SenmonConfig
 
-
-def _step(message: str) -> float:
-    print(f"==> {message}", flush=True)
-    return time.monotonic()
+STREAM_FRACTION = 0.4  # of the stream domain's training documents, held back and sent through Kafka
 
 
-def kafka_round_trip(kafka_kwargs: dict, topic: str) -> float:
-    """Produce one document and read it back by explicit partition assignment; seconds taken."""
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
-    started = time.monotonic()
-    document = {"id": f"demo-{uuid.uuid4().hex}", "text": "hello through Kafka", "domain": "literature"}
-    producer = KafkaProducer(**kafka_kwargs, value_serializer=lambda v: json.dumps(v).encode())
-    sent = producer.send(topic, document, partition=0).get(timeout=10)
-    producer.close()
-    consumer = KafkaConsumer(**kafka_kwargs, enable_auto_commit=False, consumer_timeout_ms=10_000)
-    partition = TopicPartition(topic, 0)
-    consumer.assign([partition])
-    consumer.seek(partition, sent.offset)
-    received = next(iter(consumer))
-    consumer.close()
-    if json.loads(received.value) != document:
-        raise RuntimeError("the document read back from Kafka differs from the one produced")
-    return time.monotonic() - started
+def _step(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
 
 
-def run(config: SenmonConfig) -> int:
+def held_back(corpus_dir: str, domain: str, fraction: float = STREAM_FRACTION) -> list[dict]:
+    """A deterministic slice of `domain`'s training documents (by a hash of the id)."""
+    path = Path(corpus_dir) / "train" / f"{domain}.jsonl"
+    docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bucket = lambda d: int(hashlib.sha256(f"stream:{d['id']}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF  # noqa: E731
+    return [d for d in docs if bucket(d) < fraction]
+
+
+def sample_questions(config: SenmonConfig, chars: int = 80) -> dict[str, str]:
+    """One unseen prompt per domain: the opening of its first test document."""
+    questions = {}
+    for domain in config.domains:
+        path = Path(config.corpus_dir) / "test" / f"{domain}.jsonl"
+        first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+        questions[domain] = " ".join(first["text"].split())[:chars]
+    return questions
+
+
+def ask(url: str, prompt: str, model: str = "auto", max_tokens: int = 24, api_key: str | None = None) -> dict:
+    """One completion over HTTP; returns who answered (the router's headers) and the text."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                         "temperature": 0.0}, headers=headers, timeout=120)
+    body = response.json()
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {body.get('error', {}).get('message', body)}")
+    return {"specialist": response.headers.get("x-senmon-specialist"), "version": response.headers.get("x-senmon-version"),
+            "confidence": float(response.headers.get("x-senmon-confidence", "nan")),
+            "routing_ms": float(response.headers.get("x-senmon-routing-ms", "nan")), "text": body["choices"][0]["text"]}
+
+
+class BackgroundLoad:
+    """Requests to the given models, one after another per model, counting every failure."""
+
+    def __init__(self, url: str, models: list[str], prompt: str = "The", api_key: str | None = None):
+        self.url, self.models, self.prompt, self.api_key = url, models, prompt, api_key
+        self.sent = self.failed = 0
+        self.errors: list[str] = []
+        self.answered_by: dict[str, set] = {m: set() for m in models}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(m,), daemon=True) for m in models]
+
+    def _loop(self, model: str) -> None:
+        while not self._stop.is_set():
+            self.sent += 1
+            try:
+                answer = ask(self.url, self.prompt, model=model, max_tokens=8, api_key=self.api_key)
+                self.answered_by[model].add(answer["version"])
+            except Exception as error:  # counted, never hidden
+                self.failed += 1
+                self.errors.append(f"{model}: {error}")
+            time.sleep(0.05)
+
+    def __enter__(self) -> "BackgroundLoad":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=130)
+
+
+def test_perplexity(config: SenmonConfig, record: dict, domain: str) -> float:
+    from senmon.train.job import evaluate_checkpoint
+
+    result = ray.get(evaluate_checkpoint.remote(record["path"], config.storage_root, [domain], "test",
+                                                config.training.seq_len))
+    return result[domain]["perplexity"]
+
+
+def wait_for_retrain(scheduler, name: str, after_runs: int, timeout_s: float, max_failures: int = 3) -> dict:
+    """Block until a new run of `name` has ended (after its swap) with a version, or failed for good."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = ray.get(scheduler.history.remote(name))[after_runs:]
+        ended = [r for r in runs if r["ended_at"] is not None]
+        decided = [r for r in ended if r["outcome"] in ("serving", "rejected")]
+        if decided:
+            return decided[-1]
+        if sum(r["outcome"] == "failed" for r in ended) >= max_failures:
+            raise RuntimeError(f"retraining {name} failed: {ended[-1]['reason']}")
+        time.sleep(1.0)
+    raise TimeoutError(f"no retraining run of {name} ended within {timeout_s:.0f} s")
+
+
+def run(config: SenmonConfig, stream_domain: str | None = None, timeout_s: float = 1800) -> dict:
+    """The whole demo; returns the report (also printed). Raises if any step fails."""
     import ray.data
 
-    from senmon.cli import print_data_summary
+    from senmon.ingest.producer import produce_file
     from senmon.ingest.store import DatasetStore
-    from senmon.stack import start_stack
+    from senmon.system import start_system
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     began = time.monotonic()
-    t0 = _step("starting the embedded stack (local Ray, Kafka-protocol broker)" if config.kafka.embedded
-               else "connecting to Ray and Kafka")
-    with start_stack(config) as stack:
-        print(f"    Kafka answered in {stack.timings['kafka_s']:.1f} s, Ray in {stack.timings['ray_s']:.1f} s")
+    stream_domain = stream_domain or ("japanese" if "japanese" in config.domains else config.domains[0])
+    stream_spec = next(s for s in config.specialists if stream_domain in s.domains)
+    stream_docs = held_back(config.corpus_dir, stream_domain)
+    report: dict = {"stream_domain": stream_domain, "specialist": stream_spec.name, "streamed": len(stream_docs)}
 
-        t0 = _step(f"loading the corpus from {config.corpus_dir} into the dataset store {config.storage_root}")
-        store = DatasetStore(config.storage_root)
-        seeded = store.seed_from_corpus(config.corpus_dir, config.domains)
-        print(f"    {sum(seeded.values()):,} documents, {len(seeded)} domains, {time.monotonic() - t0:.1f} s")
+    _step("starting local Ray and the embedded Kafka-protocol broker" if config.kafka.embedded
+          else "connecting to Ray and Kafka")
+    store = DatasetStore(config.storage_root)
+    if not store.domains():
+        counts = store.seed_from_corpus(config.corpus_dir, config.domains, exclude_ids={d["id"] for d in stream_docs})
+        print(f"    dataset store seeded: {sum(counts.values()):,} documents in {len(counts)} domains; "
+              f"{len(stream_docs)} {stream_domain} training documents held back to stream through Kafka later")
 
-        t0 = _step("reading the training split back through Ray Data")
-        dataset = store.ray_dataset(config.domains, "train")
-        per_domain = Counter(dataset.select_columns(["domain"]).to_pandas()["domain"])
-        print("    " + ", ".join(f"{d}: {n}" for d, n in sorted(per_domain.items())) + f" ({time.monotonic() - t0:.1f} s)")
+    with start_system(config, say=lambda m: print("    " + m, flush=True)) as system:
+        report["startup_s"] = {k: round(v, 1) for k, v in system.timings.items()}
+        api_key = (config.http.resolved_keys()[0] or [None])[0]
 
-        _step("a document through Kafka and back")
-        print(f"    round trip on {config.kafka.topics.documents}: {kafka_round_trip(stack.kafka_kwargs, config.kafka.topics.documents) * 1000:.0f} ms")
+        _step("asking one question per domain (model: auto); the router picks the specialist")
+        questions = sample_questions(config)
+        asked = {}
+        for domain, prompt in questions.items():
+            answer = ask(system.url, prompt, api_key=api_key)
+            asked[domain] = answer
+            print(f"    [{domain:>10}] -> {answer['specialist']} v{answer['version']} "
+                  f"(confidence {answer['confidence']:.2f}, routing {answer['routing_ms']:.1f} ms): "
+                  f"{prompt[:40]!r} ... {answer['text'][:40]!r}")
+        report["asked"] = {d: {k: a[k] for k in ("specialist", "version", "confidence")} for d, a in asked.items()}
 
-        _step("corpus per domain")
-        print_data_summary(config)
-    print(f"done in {time.monotonic() - began:.0f} s; Ray and the broker are stopped")
-    return 0
+        before = {m: ray.get(system.registry.current.remote(m)) for m in [s.name for s in config.specialists]}
+        ppl_before = test_perplexity(config, before[stream_spec.name], stream_domain)
+        runs_before = len(ray.get(system.scheduler.history.remote(stream_spec.name)))
+
+        _step(f"streaming {len(stream_docs)} new {stream_domain} documents through Kafka "
+              f"(retrain threshold: {stream_spec.schedule.min_new_documents}); the other specialists stay under load")
+        stream_file = Path(config.storage_root) / "demo" / f"stream-{stream_domain}.jsonl"
+        stream_file.parent.mkdir(parents=True, exist_ok=True)
+        stream_file.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in stream_docs), encoding="utf-8")
+        others = [s.name for s in config.specialists if s.name != stream_spec.name]
+        first_produced = time.monotonic()
+        with BackgroundLoad(system.url, others, api_key=api_key) as load:
+            produced = produce_file(config, stream_file)
+            print(f"    produced {produced.sent} documents ({produced.bytes / 1e6:.2f} MB) in {produced.seconds:.1f} s")
+            run_record = wait_for_retrain(system.scheduler, stream_spec.name, runs_before, timeout_s)
+            freshness_s = time.monotonic() - first_produced
+            time.sleep(1.0)  # a last round of requests on the final state
+        after = {m: ray.get(system.registry.current.remote(m)) for m in before}
+        ppl_after = test_perplexity(config, after[stream_spec.name], stream_domain)
+        check = ask(system.url, questions[stream_domain], model=stream_spec.name, api_key=api_key)
+        ingest_status = ray.get(system.ingest.status.remote())
+
+        report.update({
+            "run": {k: run_record.get(k) for k in ("trigger", "outcome", "version", "reason", "swap_s", "val_ppl")},
+            "version_before": before[stream_spec.name]["version"], "version_after": after[stream_spec.name]["version"],
+            "test_ppl_before": ppl_before, "test_ppl_after": ppl_after, "answered_by_after": check["version"],
+            "others_unchanged": all(before[m]["version"] == after[m]["version"] for m in others),
+            "background_requests": load.sent, "background_failed": load.failed, "background_errors": load.errors[:5],
+            "freshness_s": freshness_s, "ingest": {k: ingest_status.get(k) for k in ("documents", "dead_letters")
+                                                    if k in ingest_status},
+        })
+        _step("report")
+        print(f"    {stream_spec.name}: v{report['version_before']} -> v{report['version_after']} "
+              f"({run_record['outcome']}: {run_record.get('reason')})")
+        print(f"    {stream_domain} test perplexity: {ppl_before:.1f} -> {ppl_after:.1f}")
+        print(f"    a request to {stream_spec.name} is now answered by v{check['version']}")
+        print(f"    other specialists: {'unchanged' if report['others_unchanged'] else 'CHANGED'} "
+              f"({', '.join(f'{m} v{after[m]['version']}' for m in others)}); "
+              f"{load.sent} requests to them during the stream and swap, {load.failed} failed")
+        print(f"    freshness: {freshness_s:.0f} s from the first produced document to the new version answering")
+    report["total_s"] = time.monotonic() - began
+    print(f"\ndone in {report['total_s']:.0f} s; Serve, the scheduler, ingest, Ray and the broker are stopped", flush=True)
+    return report

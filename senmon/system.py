@@ -1,0 +1,166 @@
+"""The living system: every long-lived part of senmon started and stopped as one.
+
+`start_system(config)` brings up, in order: Ray and the Kafka connection (senmon/stack.py), the
+dataset store (seeded from the shipped corpus when empty), the model registry, a first version
+of every model that has none (the shared tokenizer, the generalist, each specialist), the Serve
+applications (router plus one vLLM application per model), the retraining scheduler and the
+Kafka ingest supervisor whose new-data signal goes to the scheduler. `System.stop()` takes down
+what this call started, in reverse order, and leaves the durable state (datasets, checkpoints,
+registry, run records) in the storage root. `senmon up`, `senmon demo` and the end-to-end test
+all go through here.
+
+The scheduler reaches the other parts through two hooks, both plain functions below, so that
+each part can be used and tested on its own: `swap_on_promotion` (a promoted version goes live
+through serve/swap.py) and `reset_new_data` (new documents count toward the next job).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+from senmon.config import SenmonConfig
+
+REGISTRY = "senmon-registry"
+SCHEDULER = "senmon-scheduler"
+INGEST = "senmon-ingest"
+SWAP_HOOK = "senmon.system:swap_on_promotion"
+RESET_HOOK = "senmon.system:reset_new_data"
+
+
+def swap_on_promotion(config_data: dict, name: str, record: dict) -> dict:
+    """Scheduler hook: serve the newly promoted `record` of `name`, blue/green, no failed request."""
+    from senmon.serve.router import as_config
+    from senmon.serve.swap import swap
+
+    return swap(as_config(config_data), name, record)
+
+
+def reset_new_data(name: str) -> None:
+    """Scheduler hook: a job for `name` starts; documents ingested from now on count toward the next."""
+    from senmon.ingest.supervisor import get_ingest_supervisor
+
+    supervisor = get_ingest_supervisor(INGEST)
+    if supervisor is not None:
+        ray.get(supervisor.reset_new_data.remote(name), timeout=30)
+
+
+def model_names(config: SenmonConfig) -> list[str]:
+    return [config.generalist.name] + [s.name for s in config.specialists]
+
+
+def train_missing(config: SenmonConfig, registry, say: Callable[[str], None] = print) -> dict[str, dict]:
+    """Train and register a first version of every model that has none serving; returns the records."""
+    from senmon.train.job import train_and_register
+
+    records = {}
+    for name in model_names(config):
+        record = ray.get(registry.current.remote(name))
+        if record is None:
+            started = time.monotonic()
+            say(f"training {name} on Ray Train ...")
+            record = train_and_register(config, name, registry)
+            metrics, sizing = record["metrics"], record["sizing"]
+            say(f"  {name} v{record['version']}: {sizing.get('non_embedding_params', 0):,} non-embedding params, "
+                f"{record['data']['tokens_seen']:,} tokens, val ppl {metrics['val_ppl']:.1f}, "
+                f"{time.monotonic() - started:.0f} s ({record['status']})")
+        records[name] = record
+    return records
+
+
+@dataclass
+class System:
+    """What `start_system` brought up; `stop()` undoes it in reverse order."""
+
+    config: SenmonConfig
+    stack: Any = None
+    registry: Any = None
+    scheduler: Any = None
+    ingest: Any = None
+    served: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str | None:
+        return self.served.url if self.served is not None else None
+
+    def stop(self) -> None:
+        if self.ingest is not None:
+            from senmon.ingest.supervisor import stop_ingest
+
+            try:
+                stop_ingest(INGEST)
+            except Exception:  # stopping must go on; the actors are killed below with Ray anyway
+                pass
+            self.ingest = None
+        if self.scheduler is not None:
+            ray.kill(self.scheduler, no_restart=True)
+            self.scheduler = None
+        if self.served is not None:
+            from senmon.serve.app import shutdown
+
+            shutdown(self.config)
+            self.served = None
+        if self.registry is not None:
+            ray.kill(self.registry, no_restart=True)  # its file stays; the next start reads it back
+            self.registry = None
+        if self.stack is not None:
+            self.stack.stop()
+            self.stack = None
+
+    def __enter__(self) -> "System":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_system(config: SenmonConfig, *, train: bool = True, serve: bool = True, ingest: bool = True,
+                 schedule: bool = True, seed: bool = True, say: Callable[[str], None] = print) -> System:
+    """Start every part (see the module docstring); on failure, stop what was started and re-raise."""
+    from senmon.actors.registry import get_or_create_registry
+    from senmon.actors.scheduler import get_or_create_scheduler
+    from senmon.ingest.store import DatasetStore
+    from senmon.stack import start_stack
+
+    system = System(config)
+    try:
+        t0 = time.monotonic()
+        system.stack = start_stack(config, kafka=ingest)
+        system.timings["stack_s"] = time.monotonic() - t0
+        if seed:
+            store = DatasetStore(config.storage_root)
+            if not store.domains():
+                counts = store.seed_from_corpus(config.corpus_dir, config.domains)
+                say(f"dataset store seeded from {config.corpus_dir}: {sum(counts.values()):,} documents")
+        system.registry = get_or_create_registry(config.storage_root, name=REGISTRY)
+        if train:
+            t0 = time.monotonic()
+            train_missing(config, system.registry, say)
+            system.timings["train_s"] = time.monotonic() - t0
+        if serve:
+            from senmon.serve.app import deploy
+
+            t0 = time.monotonic()
+            say("starting the router and one vLLM engine per model on Ray Serve ...")
+            system.served = deploy(config, system.registry)
+            system.timings["serve_s"] = time.monotonic() - t0
+            say(f"  serving on {system.served.url}: "
+                + ", ".join(f"{m} v{v}" for m, v in sorted(system.served.models.items()))
+                + f" ({system.timings['serve_s']:.0f} s)")
+        if schedule:
+            system.scheduler = get_or_create_scheduler(
+                config, REGISTRY, swap_hook=SWAP_HOOK if serve else None, data_reset_hook=RESET_HOOK if ingest else None,
+                name=SCHEDULER)
+        if ingest:
+            from senmon.ingest.supervisor import start_ingest
+
+            system.ingest = start_ingest(config, listener=SCHEDULER if schedule else None, name=INGEST)
+            ray.get(system.ingest.status.remote(), timeout=60)
+        return system
+    except BaseException:
+        system.stop()
+        raise
