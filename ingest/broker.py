@@ -75,11 +75,17 @@ def ensure_topics(client_kwargs: dict, topics: list[str], partitions: int, repli
 
 
 class EmbeddedBroker:
-    """A Tansu broker process on 127.0.0.1:`port`, memory storage; a context manager."""
+    """A Tansu broker process on 127.0.0.1:`port`, memory storage; a context manager.
 
-    def __init__(self, port: int | None = None, log_dir: str | os.PathLike | None = None):
+    `advertised_port` makes the broker tell clients to connect elsewhere (a test puts a TCP proxy
+    there to cut and restore every connection); clients then bootstrap through that port too.
+    """
+
+    def __init__(self, port: int | None = None, log_dir: str | os.PathLike | None = None,
+                 advertised_port: int | None = None):
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self._log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="senmon-broker-"))
         self._process: subprocess.Popen | None = None
 
@@ -92,12 +98,12 @@ class EmbeddedBroker:
             return self
         if _port_open(self.port):
             raise BrokerError(f"port {self.port} is already in use; is another broker running there?")
-        url = f"tcp://127.0.0.1:{self.port}"
+        url, advertised = f"tcp://127.0.0.1:{self.port}", f"tcp://127.0.0.1:{self.advertised_port}"
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self._log_dir / "broker.log"
         with open(self.log_path, "ab") as log_file:
             self._process = subprocess.Popen(
-                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                  "--storage-engine", "memory://tansu/"],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C aimed at the CLI reaches us first; we stop it in order

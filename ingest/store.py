@@ -32,6 +32,10 @@ SCHEMA = pa.schema([
     ("text", pa.string()),
     ("source", pa.string()),
 ])
+# Shards written by the Kafka ingest bridge carry two more columns: who chose the domain
+# ('producer' when the message named it, 'router' when the routing model assigned it) and the
+# router's confidence. Readers that ask for SCHEMA simply do not see them.
+INGESTED_SCHEMA = SCHEMA.append(pa.field("assigned_by", pa.string())).append(pa.field("route_confidence", pa.float64()))
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,8 @@ class DatasetStore:
 
     # ----------------------------------------------------------------- writing
 
-    def write_shard(self, rows: list[dict], name: str | None = None) -> list[str]:
-        """Write documents (all keys of SCHEMA) into one shard per (domain, split); returns the paths.
+    def write_shard(self, rows: list[dict], name: str | None = None, schema: pa.Schema = SCHEMA) -> list[str]:
+        """Write documents (all keys of `schema`) into one shard per (domain, split); returns the paths.
 
         The split is always `split_of(id)`, so a document can never land in two splits.
         """
@@ -88,7 +92,7 @@ class DatasetStore:
         written = []
         for (domain, split), group in sorted(groups.items()):
             group.sort(key=lambda r: r["id"])
-            table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in group], schema=SCHEMA)
+            table = pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in group], schema=schema)
             shard = name or hashlib.sha256("\n".join(r["id"] for r in group).encode()).hexdigest()[:20]
             path = f"{self._dir(domain, split)}/{shard}.parquet"
             if self.fs.get_file_info(path).type == pafs.FileType.File:
@@ -101,15 +105,19 @@ class DatasetStore:
             written.append(path)
         return written
 
-    def seed_from_corpus(self, corpus_dir: str | Path, domains: Iterable[str]) -> dict[str, int]:
-        """Load the prepared JSONL corpus (data/corpus/<split>/<domain>.jsonl) as seed shards."""
+    def seed_from_corpus(self, corpus_dir: str | Path, domains: Iterable[str],
+                         exclude_ids: set[str] | frozenset = frozenset()) -> dict[str, int]:
+        """Load the prepared JSONL corpus (data/corpus/<split>/<domain>.jsonl) as seed shards.
+
+        `exclude_ids` holds documents back (the demo streams them in through Kafka later).
+        """
         counts: Counter = Counter()
         for domain in domains:
             rows = []
             for split in SPLITS:
                 path = Path(corpus_dir) / split / f"{domain}.jsonl"
                 if path.exists():
-                    rows.extend(read_jsonl(path))
+                    rows.extend(r for r in read_jsonl(path) if r["id"] not in exclude_ids)
             if not rows:
                 raise FileNotFoundError(f"no documents for domain {domain!r} under {corpus_dir}")
             self.write_shard(rows, name="seed")
@@ -126,6 +134,15 @@ class DatasetStore:
         table = pa.concat_tables(pq.read_table(p, filesystem=self.fs, schema=SCHEMA) for p in paths)
         _, first = _unique_indices(table.column("id").to_pylist())
         return table.take(first) if len(first) != table.num_rows else table
+
+    def ids(self, domain: str) -> set[str]:
+        """Every document id of a domain, all splits (reads only the id column)."""
+        return {doc_id for split in SPLITS for path in self.shard_paths(domain, split)
+                for doc_id in pq.read_table(path, filesystem=self.fs, columns=["id"]).column("id").to_pylist()}
+
+    def delete(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            self.fs.delete_file(path)
 
     def texts(self, domain: str, split: str) -> list[str]:
         return self.read_table(domain, split).column("text").to_pylist()
