@@ -17,6 +17,7 @@ from typing import Callable
 from kafka import KafkaProducer
 
 PROGRESS_EVERY_S = 1.0
+CONNECT_TIMEOUT_S = 10.0  # give up when no broker answers within this
 
 
 @dataclass
@@ -45,7 +46,7 @@ def produce_file(config, path: str | Path, progress: Callable[[ProduceResult], N
     result = ProduceResult()
     started = last_progress = time.monotonic()
     producer = KafkaProducer(**config.kafka.client_kwargs(), acks="all", linger_ms=20, batch_size=256 * 1024,
-                             max_request_size=64 * 2**20)
+                             max_request_size=64 * 2**20, bootstrap_timeout_ms=int(CONNECT_TIMEOUT_S * 1000))
 
     def failed(error: Exception) -> None:
         result.failed += 1

@@ -351,6 +351,27 @@ def cmd_serve_config(args, config: SenmonConfig) -> int:
     return 0
 
 
+def cmd_ingest(args, config: SenmonConfig) -> int:
+    from kafka.errors import KafkaError
+
+    from senmon.ingest.producer import produce_file
+
+    def progress(result) -> None:
+        print(f"\r    {result.sent:,} documents sent ({result.bytes / 1e6:,.1f} MB)", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = produce_file(config, args.file, progress=progress if sys.stderr.isatty() else None)
+    except KafkaError as error:
+        raise CommandError(f"Kafka at {', '.join(config.kafka.bootstrap_servers)} did not answer: {error}") from None
+    if sys.stderr.isatty() and result.seconds >= 1.0:
+        print(file=sys.stderr)
+    unkeyed = f"; {result.unkeyed:,} without an id (the dead-letter topic gets them)" if result.unkeyed else ""
+    failed = f"; {result.failed:,} failed: {result.first_error}" if result.failed else ""
+    print(f"{args.file}: {result.sent - result.failed:,} of {result.sent:,} documents ({result.bytes / 1e6:,.2f} MB) "
+          f"produced to {config.kafka.topics.documents} in {result.seconds:.1f} s{unkeyed}{failed}")
+    return 1 if result.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="senmon", description="senmon: one language model made of many small specialists, on Ray and Kafka.")
@@ -376,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=cmd_ask)
     commands.add_parser("serve-config", help="print the Serve config (for 'serve deploy') the code builds"
                         ).set_defaults(func=cmd_serve_config)
+    ingest = commands.add_parser("ingest", help="produce a JSONL file's documents onto the Kafka documents topic")
+    ingest.add_argument("file", help="JSONL: one {\"id\", \"text\", \"domain\"?, \"source\"?} object per line")
+    ingest.set_defaults(func=cmd_ingest)
 
     train = commands.add_parser("train", help="train one specialist (or the generalist), register it, apply the gate")
     train.add_argument("name")

@@ -443,3 +443,32 @@ def _run_through_outages(ray, make_config, supervisor, proxy, bootstrap):
     wait_until(lambda: sum(i["committed"] or 0 for i in ray.get(handle.status.remote())["partitions"].values())
                == len(docs), 30, "committed offsets past every message")
     assert ray.get(handle.status.remote())["restarts"] == 0  # the actor rode it out by itself
+
+
+def test_cli_ingest_produces_every_line_and_reports_one_line(broker, make_config, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from senmon.cli import main
+    from senmon.ingest import producer
+
+    monkeypatch.setattr(producer, "CONNECT_TIMEOUT_S", 2.0)
+
+    config = ingest_config(make_config, broker.bootstrap)
+    docs = corpus_documents(50, seed=4)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs) + "\n{broken\n", encoding="utf-8")
+    config_file = tmp_path / "senmon.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    assert main(["--config", str(config_file), "ingest", str(source)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "51 of 51 documents" in out[0] and "1 without an id" in out[0]
+    messages = read_topic(config, config.kafka.topics.documents, 51)
+    assert sorted(m.value for m in messages) == sorted([json.dumps(d, ensure_ascii=False).encode() for d in docs]
+                                                       + [b"{broken"])
+    assert {m.key for m in messages if m.value != b"{broken"} == {d["id"].encode() for d in docs}
+
+    down = config.model_dump(mode="json")
+    down["kafka"]["bootstrap_servers"] = [f"127.0.0.1:{free_port()}"]
+    config_file.write_text(yaml.safe_dump(down), encoding="utf-8")
+    assert main(["--config", str(config_file), "ingest", str(source)]) == 2
+    assert "did not answer" in capsys.readouterr().err
