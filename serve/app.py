@@ -1,0 +1,193 @@
+"""Entry points of the query path: deploy the router and every serving model, and take them down.
+
+    from senmon.serve.app import deploy, shutdown, build_serve_config
+    served = deploy(config, registry)     # Ray must be up (senmon.stack.start_stack)
+    served.url                            # "http://127.0.0.1:8000" -> /v1/chat/completions, ...
+    served.handle                         # Serve handle of the router (see serve/router.py)
+    shutdown(config)                      # remove senmon's applications (and Serve if nothing else runs)
+
+`deploy(config, registry)` starts Serve's HTTP proxy on `http.host:http.port` (127.0.0.1 only
+when no API key is configured), trains the routing model if the storage root has none, starts
+one application per model (each specialist and the generalist) that has a serving version in
+the registry, all at once, warms each with a real request, points the serving table at them,
+and deploys the router as the application `serve.app_name` on route `/`. Calling it again
+brings changed models up to date through live swaps (serve/swap.py) and leaves the rest.
+
+`build_serve_config(config, config_path)` returns the same applications as a Serve config
+(the dict that `serve deploy` takes as YAML): the router built from the import path
+`senmon.serve.app:build_router` with args `{"config": config_path}`, and one
+`senmon.serve.app:build_specialist` application per serving model. Keys are then read from
+the cluster's environment (`$SENMON_API_KEYS`, `$SENMON_ADMIN_KEYS`) or the config file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from senmon.config import SenmonConfig
+from senmon.serve.auth import bind_host
+from senmon.serve.router import Router, as_config
+from senmon.serve.specialist import app_name, build_specialist_app
+from senmon.serve.swap import all_models, start_version, switch, sync_with_registry, wait_running, warm
+from senmon.serve.table import get_or_create_table, get_table
+
+log = logging.getLogger("senmon.serve")
+ROUTER_DEPLOYMENT = "router"
+
+
+@dataclass
+class Served:
+    """What `deploy` brought up."""
+
+    url: str
+    handle: Any  # DeploymentHandle of the router
+    app_name: str
+    models: dict[str, int] = field(default_factory=dict)  # model -> serving version
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- application builders
+
+
+def router_app(config: SenmonConfig, registry: Any = None, table: Any = None, config_arg: Any = None):
+    """The router as a bound application; `config_arg` (a path or a mapping) is what its replicas parse."""
+    deployment = serve.deployment(
+        Router, name=ROUTER_DEPLOYMENT, num_replicas=config.serve.router_replicas, max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": 0.5}, health_check_period_s=5, graceful_shutdown_timeout_s=30,
+    )
+    return deployment.bind(config_arg if config_arg is not None else config.model_dump(mode="json"), registry, table)
+
+
+def build_router(args: dict):
+    """Serve config builder: `{"config": path, "registry": actor name (optional)}`."""
+    config = as_config(args["config"])
+    return router_app(config, args.get("registry"), None, args["config"])
+
+
+def build_specialist(args: dict):
+    """Serve config builder: `{"config": path, "model": name, "version": N, "path": checkpoint}`."""
+    config = as_config(args["config"])
+    return build_specialist_app(config, args["model"], int(args["version"]), args["path"])
+
+
+def _serving_records(config: SenmonConfig, registry) -> dict[str, dict]:
+    records = {}
+    for model in all_models(config):
+        record = ray.get(registry.current.remote(model)) if registry is not None else None
+        if record is not None:
+            records[model] = record
+    return records
+
+
+def _records_from_file(config: SenmonConfig) -> dict[str, dict]:
+    """The registry's serving records read from its durable file (no Ray needed)."""
+    import json
+
+    from senmon.actors.registry import RegistryState
+    from senmon.storage import filesystem, read_bytes
+
+    fs, base = filesystem(config.storage_root)
+    data = read_bytes(fs, f"{base}/registry/registry.json")
+    state = RegistryState(json.loads(data)["specialists"] if data else {})
+    return {m: r for m in all_models(config) if (r := state.current(m)) is not None}
+
+
+def build_serve_config(config: SenmonConfig, config_path: str | Path | None = None,
+                       registry: Any = None) -> dict:
+    """A Serve config (YAML-able dict for `serve deploy`) that builds what `deploy` builds.
+
+    `config_path` is the config file as the cluster sees it (default: the embedded config's path
+    is not assumed; without a path the config is embedded in the args as a mapping). Serving
+    versions come from `registry` (an actor handle) or else from the registry's file.
+    """
+    arg = str(config_path) if config_path is not None else config.model_dump(mode="json")
+    records = _serving_records(config, registry) if registry is not None else _records_from_file(config)
+    applications = [{"name": config.serve.app_name, "route_prefix": "/",
+                     "import_path": "senmon.serve.app:build_router", "args": {"config": arg}}]
+    for model, record in records.items():
+        applications.append({
+            "name": app_name(config, model, record["version"]), "route_prefix": None,
+            "import_path": "senmon.serve.app:build_specialist",
+            "args": {"config": arg, "model": model, "version": record["version"], "path": record["path"]},
+        })
+    return {"proxy_location": "EveryNode",
+            "http_options": {"host": bind_host(config.http), "port": config.http.port},
+            "applications": applications}
+
+
+# --------------------------------------------------------------------------- deploy / shutdown
+
+
+def _ensure_routing_model(config: SenmonConfig) -> None:
+    from senmon.ingest.store import DatasetStore
+    from senmon.train.routing import load_router, train_router
+
+    if load_router(config.storage_root) is None:
+        started = time.monotonic()
+        train_router(config, DatasetStore(config.storage_root))
+        log.info("routing model trained in %.1f s", time.monotonic() - started)
+
+
+def deploy(config: SenmonConfig, registry, *, timeout_s: float = 900.0) -> Served:
+    """Deploy the router and every model with a serving version; returns URL and handle.
+
+    Needs a connected Ray (`senmon.stack.start_stack`). `registry` is the registry actor
+    (`senmon.actors.registry.get_or_create_registry`). Blocks until every engine answered a
+    warm-up request and the router is running.
+    """
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    host = bind_host(config.http)
+    serve.start(http_options={"host": host, "port": config.http.port})
+    _ensure_routing_model(config)
+    table = get_or_create_table(config.serve.app_name, config.ray.namespace)
+    records = _serving_records(config, registry)
+    _, entries = ray.get(table.get.remote())
+
+    fresh = {m: r for m, r in records.items() if m not in entries}
+    names = {m: start_version(config, m, r) for m, r in fresh.items()}
+    wait_running(list(names.values()), timeout_s)
+    timings["engines_up_s"] = time.monotonic() - started
+    for model, name in names.items():
+        warm(model, name)
+        switch(config, model, fresh[model], name, table)
+    timings["engines_warm_s"] = time.monotonic() - started
+    if len(fresh) < len(records):  # a second deploy: swap what changed since
+        sync_with_registry(config, registry, table)
+
+    api_keys, admin_keys = config.http.resolved_keys()  # resolved here: replicas may not see this environment
+    resolved = config.model_copy(update={"http": config.http.model_copy(update={
+        "api_keys": api_keys, "admin_keys": admin_keys, "api_keys_env": None, "admin_keys_env": None})})
+    handle = serve.run(router_app(resolved, registry, table), name=config.serve.app_name, route_prefix="/")
+    timings["total_s"] = time.monotonic() - started
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{config.http.port}"
+    open_note = "" if api_keys else " (no API keys: open, loopback only)"
+    log.warning("senmon serving on %s%s: %s", url, open_note,
+                ", ".join(f"{m} v{r['version']}" for m, r in records.items()) or "no model has a serving version")
+    return Served(url, handle, config.serve.app_name, {m: r["version"] for m, r in records.items()}, timings)
+
+
+def shutdown(config: SenmonConfig | None = None) -> None:
+    """Delete the router and every `<app_name>-*` application; stop Serve when nothing else runs."""
+    prefix = config.serve.app_name if config is not None else "senmon"
+    namespace = config.ray.namespace if config is not None else None
+    try:
+        applications = serve.status().applications
+    except Exception:  # Serve is not running
+        return
+    mine = [n for n in applications if n == prefix or n.startswith(prefix + "-")]
+    for name in mine:
+        serve.delete(name)
+    try:
+        ray.kill(get_table(prefix, namespace))
+    except ValueError:
+        pass
+    if not set(serve.status().applications) - set(mine):
+        serve.shutdown()

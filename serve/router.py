@@ -1,0 +1,500 @@
+"""The router: senmon's one front door, a FastAPI ingress deployment on Ray Serve.
+
+OpenAI-compatible `POST /v1/chat/completions` and `POST /v1/completions` (with `stream: true`
+as server-sent events), `GET /v1/models`, plus `POST /v1/route` (explain a routing decision
+without generating) and the admin endpoints `POST /admin/promote|rollback|reload`.
+
+`model: "auto"` routes by content with the routing model (train/routing.py); a best score below
+`serve.confidence_threshold` goes to the generalist. A model's own name sends there directly.
+Each answer says who answered and how sure the router was, in the JSON body
+(`"senmon": {"specialist", "version", "confidence", "routing_ms", ...}`) and in headers
+(`x-senmon-specialist`, `x-senmon-version`, `x-senmon-confidence`, `x-senmon-routing-ms`).
+
+The router holds no engines. It forwards vLLM's own request objects to the serving version's
+`LLMServer` application through a Serve handle, picked from the serving table (serve/table.py),
+which it polls in the background. It counts its requests in flight per application and reports
+them, so a swap can drain the old version before removing it. A request that finds its
+application gone because a swap just removed it is retried once on the new one.
+
+The same calls work in-process through the Serve handle, without HTTP or keys:
+    handle = serve.get_app_handle("senmon")
+    await handle.chat.remote({"model": "auto", "messages": [...]})           # -> dict
+    await handle.completions.remote({"model": "law", "prompt": "..."})      # -> dict
+    async for chunk in handle.options(stream=True).chat_stream.remote({...}):  # -> dict chunks
+    await handle.route.remote("some text")                                   # -> decision dict
+    await handle.list_models.remote()                                        # -> [model dicts]
+(From synchronous code, `.result()` on the response instead of `await`.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import ray
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+from ray import serve
+from starlette.responses import JSONResponse, StreamingResponse
+
+from senmon.config import SenmonConfig, load_config, parse_config
+from senmon.serve.auth import Keys
+from senmon.serve.errors import ApiError, from_validation, install, unavailable
+from senmon.serve.specialist import ENGINE_PREFIX
+
+log = logging.getLogger("senmon.serve")
+POLL_S = 0.2
+AUTO = "auto"
+
+
+def as_config(config: SenmonConfig | dict | str | Path) -> SenmonConfig:
+    """A config given as the object, a mapping (model_dump) or a YAML path (Serve config args)."""
+    if isinstance(config, SenmonConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_config(config, source="serve args")
+    return load_config(config)
+
+
+def prompt_text(kind: str, body: dict) -> str:
+    """The text the routing model reads: the user's messages, or the prompt."""
+    if kind == "chat":
+        parts = []
+        for message in body.get("messages") or []:
+            if not isinstance(message, dict) or message.get("role", "user") != "user":
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return "\n".join(parts)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt and isinstance(prompt[0], str) else ""
+    return prompt if isinstance(prompt, str) else ""
+
+
+@dataclass
+class Decision:
+    specialist: str  # who answers
+    version: int | None
+    confidence: float  # the router's best score (1.0 for a model named directly)
+    routing_ms: float
+    route: str  # "auto", "named", or "fallback" (auto, sent to the generalist)
+    best: str | None = None  # the routing model's first choice
+    reason: str = ""
+
+    def headers(self) -> dict[str, str]:
+        return {"x-senmon-specialist": self.specialist, "x-senmon-version": str(self.version),
+                "x-senmon-confidence": f"{self.confidence:.4f}", "x-senmon-routing-ms": f"{self.routing_ms:.3f}"}
+
+
+def _engine_error(error, model: str, max_model_len: int, kind: str) -> ApiError:
+    """An engine's ErrorResponse as our error; a too-long prompt names the model's context limit."""
+    info = error.error
+    message, status = info.message, int(info.code or 400)
+    if "maximum context length" in message or info.param == "input_tokens":
+        return ApiError(400, f"the prompt is longer than {model}'s context of {max_model_len} tokens: {message}",
+                        param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+    if status == 404:
+        return ApiError(404, message, param="model", code="model_not_found")
+    return ApiError(status if 400 <= status < 600 else 500, message, param=info.param, code=str(info.type or ""))
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, RayServeException
+
+    return (RayActorError, ActorDiedError, ActorUnavailableError, BackPressureError, RayServeException)
+
+
+app = FastAPI(title="senmon", description="One LLM made of many small specialists, OpenAI-compatible.")
+install(app)
+
+
+@serve.ingress(app)
+class Router:
+    """The ingress deployment; arguments: the config, the registry actor, the serving table actor."""
+
+    async def __init__(self, config: Any, registry: Any = None, table: Any = None):
+        from senmon.actors.registry import REGISTRY_ACTOR
+        from senmon.serve.table import get_or_create_table
+        from senmon.train.routing import load_router
+
+        self.config = as_config(config)
+        self.keys = Keys.from_config(self.config.http)
+        namespace = self.config.ray.namespace
+        self.registry = registry if not isinstance(registry, (str, type(None))) else \
+            ray.get_actor(registry or REGISTRY_ACTOR, namespace=namespace)
+        self.table = table or get_or_create_table(self.config.serve.app_name, namespace)
+        self.generalist = self.config.generalist.name
+        self.models = [s.name for s in self.config.specialists] + [self.generalist]
+        self.routing = load_router(self.config.storage_root)
+        self.replica = uuid.uuid4().hex[:12]
+        self.inflight: dict[str, int] = {}
+        self.handles: dict[str, Any] = {}
+        self.epoch, self.entries, self.routing_gen = -1, {}, 0
+        await self._poll()
+        if not self.entries:
+            await self._seed_from_registry()
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+        if self.routing is None:
+            log.warning("no routing model under %s: 'auto' goes to the generalist", self.config.storage_root)
+
+    # ----------------------------------------------------------------- serving table
+
+    async def _poll(self) -> None:
+        reply = await self.table.poll.remote(self.replica, self.epoch, self.inflight)
+        if reply is not None:
+            self.epoch, self.entries, routing_gen = reply
+            if routing_gen != self.routing_gen:
+                from senmon.train.routing import load_router
+
+                self.routing, self.routing_gen = load_router(self.config.storage_root), routing_gen
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                await self._poll()
+            except Exception:  # the table restarting: keep the last known table and try again
+                log.exception("serving table poll failed")
+
+    async def _seed_from_registry(self) -> None:
+        """Applications deployed from a Serve config (not `deploy`) find their pointers from the registry."""
+        from senmon.serve.specialist import app_name
+
+        for model in self.models:
+            record = await self.registry.current.remote(model)
+            if record is not None:
+                entry = {"app": app_name(self.config, model, record["version"]), "version": record["version"],
+                         "path": record["path"]}
+                await self.table.set_if_absent.remote(model, entry)
+        self.epoch = -1
+        await self._poll()
+
+    def _handle(self, app_name: str, model: str):
+        if app_name not in self.handles:
+            self.handles[app_name] = serve.get_deployment_handle(ENGINE_PREFIX + model, app_name).options(stream=True)
+        return self.handles[app_name]
+
+    # ----------------------------------------------------------------- routing
+
+    def _max_model_len(self, model: str) -> int:
+        if model == self.generalist:
+            return self.config.generalist.serving.max_model_len
+        return self.config.specialist(model).serving.max_model_len
+
+    def _version(self, model: str) -> int | None:
+        entry = self.entries.get(model)
+        return entry["version"] if entry else None
+
+    def decide(self, requested: Any, text: str) -> Decision:
+        if not isinstance(requested, str) or not requested:
+            raise ApiError(400, "'model' is required: 'auto', a specialist's name or the generalist's",
+                           param="model", code="missing_model")
+        if requested != AUTO:
+            if requested not in self.models:
+                raise ApiError(404, f"the model '{requested}' does not exist; available: "
+                                    f"{', '.join([AUTO, *self.models])}", param="model", code="model_not_found")
+            return Decision(requested, self._version(requested), 1.0, 0.0, "named", requested, "named in the request")
+        started = time.perf_counter()
+        if self.routing is None or not text.strip():
+            best, confidence = None, 0.0
+        else:
+            route = self.routing.route([text])[0]
+            best, confidence = route.specialist, route.confidence
+        elapsed = (time.perf_counter() - started) * 1000
+        threshold = self.config.serve.confidence_threshold
+        if best is None:
+            chosen, route, reason = self.generalist, "fallback", "no routing model or no text"
+        elif confidence < threshold:
+            chosen, route, reason = self.generalist, "fallback", f"confidence {confidence:.2f} below {threshold:.2f}"
+        elif best not in self.entries:
+            chosen, route, reason = self.generalist, "fallback", f"{best} has no serving version"
+        else:
+            chosen, route, reason = best, "auto", f"confidence {confidence:.2f}"
+        if chosen == self.generalist and chosen not in self.entries and best in self.entries:
+            chosen, route, reason = best, "auto", reason + "; no generalist serving, so the best specialist answers"
+        return Decision(chosen, self._version(chosen), confidence, elapsed, route, best, reason)
+
+    def explain(self, text: str) -> dict:
+        decision = self.decide(AUTO, text)
+        scores = self.routing.route([text])[0].scores if self.routing is not None and text.strip() else {}
+        return {**asdict(decision), "threshold": self.config.serve.confidence_threshold,
+                "scores": dict(sorted(scores.items(), key=lambda kv: -kv[1]))}
+
+    # ----------------------------------------------------------------- generation
+
+    def _request(self, kind: str, body: Any):
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        body = dict(body)
+        if self.config.serve.default_max_tokens and body.get("max_tokens") is None \
+                and body.get("max_completion_tokens") is None:
+            body["max_tokens"] = self.config.serve.default_max_tokens
+        try:
+            request = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
+        except ValidationError as error:
+            raise from_validation(error) from None
+        decision = self.decide(body.get("model"), prompt_text(kind, body))
+        return request.model_copy(update={"model": decision.specialist}), decision
+
+    async def _start(self, kind: str, request, decision: Decision):
+        """Send to the serving version; returns (first item, rest of the stream, release callback)."""
+        model = decision.specialist
+        for attempt in (0, 1):
+            entry = self.entries.get(model)
+            if entry is None:
+                raise unavailable(f"'{model}' has no serving version yet", self.config.serve.retry_after_s)
+            app_name, decision.version = entry["app"], entry["version"]
+            self.inflight[app_name] = self.inflight.get(app_name, 0) + 1  # counted before any await
+
+            def release(app_name=app_name):
+                self.inflight[app_name] -= 1
+
+            handle = self._handle(app_name, model)
+            stream = getattr(handle, "chat" if kind == "chat" else "completions").remote(request)
+            try:
+                first = await asyncio.wait_for(stream.__anext__(), self.config.serve.request_timeout_s)
+            except asyncio.TimeoutError:
+                release()
+                stream.cancel()
+                raise unavailable(f"'{model}' did not answer within {self.config.serve.request_timeout_s:.0f} s",
+                                  self.config.serve.retry_after_s, code="timeout") from None
+            except _unavailable_errors() as error:
+                release()
+                if attempt == 0 and self.entries.get(model, {}).get("app") != app_name:
+                    continue  # a swap moved the pointer while this request was on its way: retry on the new one
+                log.warning("%s unavailable: %s", app_name, error)
+                raise unavailable(f"'{model}' has no healthy replica right now", self.config.serve.retry_after_s) \
+                    from None
+            except BaseException:
+                release()
+                raise
+            items = first if isinstance(first, list) else [first]
+            if items and type(items[0]).__name__ == "ErrorResponse":
+                release()
+                raise _engine_error(items[0], model, self._max_model_len(model), kind)
+            return first, stream, release
+        raise AssertionError("unreachable")
+
+    async def generate(self, kind: str, body: Any) -> tuple[dict, Decision]:
+        request, decision = self._request(kind, body)
+        if request.stream:
+            request = request.model_copy(update={"stream": False})
+        first, stream, release = await self._start(kind, request, decision)
+        release()
+        result = first.model_dump(mode="json")
+        result["senmon"] = asdict(decision)
+        return result, decision
+
+    async def generate_stream(self, kind: str, body: Any) -> tuple[AsyncIterator[str], Decision]:
+        """SSE text chunks; the first event carries the `senmon` field."""
+        request, decision = self._request(kind, body)
+        request = request.model_copy(update={"stream": True})
+        first, stream, release = await self._start(kind, request, decision)
+        meta = asdict(decision)
+
+        def tag(packet: str) -> str:
+            head, sep, rest = packet.partition("\n\n")
+            if head.startswith("data: {"):
+                event = json.loads(head[len("data: "):])
+                event["senmon"] = meta
+                return "data: " + json.dumps(event, ensure_ascii=False) + sep + rest
+            return packet
+
+        def text(item) -> str:
+            if isinstance(item, list):
+                return "".join(text(i) for i in item)
+            if isinstance(item, str):
+                return item
+            if type(item).__name__ == "ErrorResponse":
+                error = _engine_error(item, decision.specialist, self._max_model_len(decision.specialist), kind)
+                return "data: " + json.dumps(error.body()) + "\n\n"
+            return f"data: {item.model_dump_json()}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            done = False
+            try:
+                packet = tag(text(first))
+                done = "data: [DONE]" in packet
+                yield packet
+                async for item in stream:
+                    packet = text(item)
+                    done = done or "data: [DONE]" in packet
+                    yield packet
+            except _unavailable_errors():
+                error = unavailable(f"'{decision.specialist}' went away mid-stream", self.config.serve.retry_after_s)
+                yield "data: " + json.dumps(error.body()) + "\n\n"
+            finally:
+                release()
+            if not done:
+                yield "data: [DONE]\n\n"
+
+        return events(), decision
+
+    # ----------------------------------------------------------------- Python handle API (no HTTP, no keys)
+
+    async def chat(self, body: dict) -> dict:
+        return (await self.generate("chat", body))[0]
+
+    async def completions(self, body: dict) -> dict:
+        return (await self.generate("completions", body))[0]
+
+    async def _stream_dicts(self, kind: str, body: dict):
+        events, _ = await self.generate_stream(kind, body)
+        async for packet in events:
+            for line in packet.split("\n"):
+                if line.startswith("data: {"):
+                    yield json.loads(line[len("data: "):])
+
+    async def chat_stream(self, body: dict):
+        async for chunk in self._stream_dicts("chat", body):
+            yield chunk
+
+    async def completions_stream(self, body: dict):
+        async for chunk in self._stream_dicts("completions", body):
+            yield chunk
+
+    async def route(self, text: str) -> dict:
+        return self.explain(text)
+
+    async def list_models(self) -> list[dict]:
+        def card(model: str, kind: str) -> dict:
+            entry = self.entries.get(model)
+            return {"id": model, "object": "model", "created": 0, "owned_by": "senmon", "kind": kind,
+                    "version": entry["version"] if entry else None, "serving": entry is not None,
+                    "max_model_len": self._max_model_len(model) if model != AUTO else None}
+
+        return ([card(AUTO, "router")] + [card(s.name, "specialist") for s in self.config.specialists]
+                + [card(self.generalist, "generalist")])
+
+    # ----------------------------------------------------------------- HTTP
+
+    @staticmethod
+    async def _json(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+
+    async def _http_generate(self, kind: str, request: Request):
+        self.keys.check_api(request.headers.get("authorization"))
+        body = await self._json(request)
+        if isinstance(body, dict) and body.get("stream"):
+            events, decision = await self.generate_stream(kind, body)
+            return StreamingResponse(events, media_type="text/event-stream", headers=decision.headers())
+        result, decision = await self.generate(kind, body)
+        return JSONResponse(result, headers=decision.headers())
+
+    @app.post("/v1/chat/completions")
+    async def http_chat(self, request: Request):
+        return await self._http_generate("chat", request)
+
+    @app.post("/v1/completions")
+    async def http_completions(self, request: Request):
+        return await self._http_generate("completions", request)
+
+    @app.get("/v1/models")
+    async def http_models(self, request: Request):
+        self.keys.check_api(request.headers.get("authorization"))
+        return {"object": "list", "data": await self.list_models()}
+
+    @app.get("/v1/models/{model}")
+    async def http_model(self, model: str, request: Request):
+        self.keys.check_api(request.headers.get("authorization"))
+        for card in await self.list_models():
+            if card["id"] == model:
+                return card
+        raise ApiError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
+
+    @app.post("/v1/route")
+    async def http_route(self, request: Request):
+        self.keys.check_api(request.headers.get("authorization"))
+        body = await self._json(request)
+        if not isinstance(body, dict) or not (isinstance(body.get("prompt"), str) or isinstance(body.get("messages"), list)):
+            raise ApiError(400, "send 'prompt' (a string) or 'messages' (a list)", param="prompt", code="invalid_value")
+        return self.explain(prompt_text("chat" if "messages" in body else "completions", body))
+
+    @app.get("/health")
+    async def http_health(self):
+        return {"status": "ok", "serving": {m: e["version"] for m, e in self.entries.items()}}
+
+    # ----------------------------------------------------------------- admin
+
+    async def _admin(self, request: Request, action: str) -> dict:
+        from senmon.actors.registry import RegistryError
+        from senmon.serve.swap import SwapError, run_swap_task, sync_task
+
+        self.keys.check_admin(request.headers.get("authorization"))
+        body = await self._json(request)
+        body = body if isinstance(body, dict) else {}
+        if action == "reload":
+            results = await sync_task.remote(self.config.model_dump(mode="json"), self.registry, self.table)
+            await self.table.bump_routing.remote()
+            return {"action": "reload", "swaps": results}
+        model = body.get("specialist") or body.get("model")
+        if model not in self.models:
+            raise ApiError(404 if isinstance(model, str) else 400, f"'specialist' must be one of {', '.join(self.models)}",
+                           param="specialist", code="model_not_found")
+        version = body.get("version")
+        if version is not None and not isinstance(version, int):
+            raise ApiError(400, "'version' must be an integer", param="version", code="invalid_value")
+        try:
+            if action == "promote":
+                if version is None:
+                    raise ApiError(400, "'version' is required", param="version", code="missing_version")
+                record = await self.registry.promote.remote(model, version, self.config.training.promotion_margin,
+                                                            force=bool(body.get("force")))
+                if record["status"] != "serving":
+                    raise ApiError(409, f"{model} v{version} was not promoted: {record['reason']}", param="version",
+                                   code="gate_refused")
+            else:
+                record = await self.registry.rollback.remote(model, version)
+        except ray.exceptions.RayTaskError as error:
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, RegistryError):
+                raise ApiError(409, str(cause.args[0] if cause.args else cause), code="registry_refused") from None
+            raise
+        try:
+            swap = await run_swap_task.remote(self.config.model_dump(mode="json"), model, record, self.table)
+        except ray.exceptions.RayTaskError as error:
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, SwapError):
+                raise ApiError(409, str(cause.args[0]), code="swap_refused") from None
+            raise
+        return {"action": action, "record": record, "swap": swap}
+
+    @app.post("/admin/promote")
+    async def http_promote(self, request: Request):
+        return await self._admin(request, "promote")
+
+    @app.post("/admin/rollback")
+    async def http_rollback(self, request: Request):
+        return await self._admin(request, "rollback")
+
+    @app.post("/admin/reload")
+    async def http_reload(self, request: Request):
+        return await self._admin(request, "reload")
+
+    def __del__(self):
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.cancel()
+        table = getattr(self, "table", None)
+        if table is not None:
+            try:
+                table.leave.remote(self.replica)
+            except Exception:
+                pass

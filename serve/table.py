@@ -1,0 +1,98 @@
+"""The serving table: which application answers for each model now, as one small Ray actor.
+
+The router replicas do not ask it per request. Each replica polls it about every 0.2 s
+(`poll`), keeps the table in memory, and reports back the table epoch it now uses and how many
+requests it has in flight per application. That report is what makes a swap safe: after moving
+a pointer, `serve/swap.py` waits until every live router replica runs on the new epoch and none
+has a request left on the old application, and only then deletes the old one.
+
+Entries: `{model: {"app", "version", "path", "max_model_len"}}`. The actor is detached and named
+(`<app_name>-table`) so the router, the swap code and the admin endpoints all find it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+LIVE_S = 3.0  # a router replica that has not polled for this long is gone
+
+
+class ServingTable:
+    def __init__(self):
+        self.entries: dict[str, dict] = {}
+        self.epoch = 0
+        self.routers: dict[str, dict] = {}  # replica id -> {"seen", "epoch", "inflight"}
+        self.swapping: set[str] = set()
+        self.routing_gen = 0  # bumped to make every router replica reload the routing model
+
+    # ----------------------------------------------------------------- pointers
+
+    def set(self, model: str, entry: dict) -> int:
+        self.entries[model] = dict(entry)
+        self.epoch += 1
+        return self.epoch
+
+    def set_if_absent(self, model: str, entry: dict) -> int:
+        return self.epoch if model in self.entries else self.set(model, entry)
+
+    def bump_routing(self) -> int:
+        self.routing_gen += 1
+        self.epoch += 1
+        return self.epoch
+
+    def remove(self, model: str) -> int:
+        self.entries.pop(model, None)
+        self.epoch += 1
+        return self.epoch
+
+    def get(self) -> tuple[int, dict]:
+        return self.epoch, dict(self.entries)
+
+    # ----------------------------------------------------------------- router replicas
+
+    def poll(self, replica: str, epoch: int, inflight: dict[str, int]) -> tuple[int, dict, int] | None:
+        """A router replica's heartbeat; returns (epoch, entries, routing_gen) when the replica is stale."""
+        self.routers[replica] = {"seen": time.monotonic(), "epoch": epoch, "inflight": dict(inflight)}
+        return None if epoch == self.epoch else (self.epoch, dict(self.entries), self.routing_gen)
+
+    def leave(self, replica: str) -> None:
+        self.routers.pop(replica, None)
+
+    def drained(self, epoch: int, app: str) -> dict:
+        """Whether every live router replica uses `epoch` (or later) and has nothing in flight on `app`."""
+        now = time.monotonic()
+        live = {r: s for r, s in self.routers.items() if now - s["seen"] < LIVE_S}
+        behind = [r for r, s in live.items() if s["epoch"] < epoch]
+        inflight = sum(s["inflight"].get(app, 0) for s in live.values())
+        return {"done": not behind and inflight == 0, "routers": len(live), "behind": len(behind), "inflight": inflight}
+
+    # ----------------------------------------------------------------- one swap per model at a time
+
+    def begin_swap(self, model: str) -> bool:
+        if model in self.swapping:
+            return False
+        self.swapping.add(model)
+        return True
+
+    def end_swap(self, model: str) -> None:
+        self.swapping.discard(model)
+
+    def ping(self) -> bool:
+        return True
+
+
+def table_name(app_name: str) -> str:
+    return f"{app_name}-table"
+
+
+def get_or_create_table(app_name: str, namespace: str | None = None):
+    return ray.remote(ServingTable).options(
+        name=table_name(app_name), namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_concurrency=1,
+    ).remote()
+
+
+def get_table(app_name: str, namespace: str | None = None):
+    return ray.get_actor(table_name(app_name), namespace=namespace)

@@ -1,0 +1,31 @@
+"""Tiny random-initialised checkpoints that vLLM serves, for the serving tests and benchmarks.
+
+Serving does not care whether weights were trained: a `save_pretrained` Llama with the shared
+tokenizer beside it is exactly what a training run registers. These load in seconds, so tests
+and benchmarks can bring engines up without running Ray Train first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_checkpoint(directory: str | Path, tokenizer_json: str, *, hidden_size: int = 64, layers: int = 2,
+                    max_len: int = 128, seed: int = 0) -> str:
+    """Write a random Llama (head size 32) plus the tokenizer to `directory`; return its path."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
+
+    from senmon.train.sizing import shape_for_hidden, llama_config
+    from senmon.train.tokenizer import wrap
+
+    tokenizer = wrap(Tokenizer.from_str(tokenizer_json))
+    torch.manual_seed(seed)
+    config = llama_config(shape_for_hidden(hidden_size, layers), len(tokenizer), max_len,
+                          tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
