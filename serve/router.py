@@ -239,14 +239,15 @@ class Router:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         body = dict(body)
-        if self.config.serve.default_max_tokens and body.get("max_tokens") is None \
-                and body.get("max_completion_tokens") is None:
-            body["max_tokens"] = self.config.serve.default_max_tokens
         try:
             request = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
         except ValidationError as error:
             raise from_validation(error) from None
         decision = self.decide(body.get("model"), prompt_text(kind, body))
+        default = self.config.serve.default_max_tokens
+        if default and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            # at most half the context, so a default never pushes a fitting prompt over the limit
+            request = request.model_copy(update={"max_tokens": min(default, self._max_model_len(decision.specialist) // 2)})
         return request.model_copy(update={"model": decision.specialist}), decision
 
     async def _start(self, kind: str, request, decision: Decision):
