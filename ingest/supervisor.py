@@ -286,7 +286,7 @@ class IngestSupervisor:
                 workers.append({"worker": index, "partitions": slot["partitions"], "restarts": slot["restarts"],
                                 "state": status.get("state", "starting"), "errors": status.get("errors", 0),
                                 "last_error": status.get("last_error"), "batches": status.get("batches", 0),
-                                "pending": status.get("pending", 0)})
+                                "pending": status.get("pending", 0), "reading_since": status.get("reading_since")})
             (t0, m0, b0), (t1, m1, b1) = (self.rate_samples[0], self.rate_samples[-1]) if self.rate_samples else ((0, 0, 0),) * 2
             elapsed = t1 - t0
             latencies.sort()

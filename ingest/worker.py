@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 ROUTER_RETRY_S = 30.0  # how often to look again for a routing model when there is none
 KAFKA_TIMEOUT_MS = 15_000
 LATENCY_SAMPLES = 20_000
+STATUS_LATENCIES = 5_000  # the newest samples sent with each status
 DEAD_LETTER_TRUNCATE = 64 * 1024  # only when the dead-letter topic refuses the original size
 
 
@@ -77,6 +78,7 @@ class IngestWorker:
         self._stop = threading.Event()
         self._reset_partition_state()
         self.state, self.errors, self.last_error, self.batches = "starting", 0, None, 0
+        self.reading_since: float | None = None  # wall time of the first message this actor took
         self.totals = collections.Counter()
         self.documents: collections.Counter = collections.Counter()  # per domain
         self.dead_letters: collections.Counter = collections.Counter()  # per reason
@@ -175,6 +177,8 @@ class IngestWorker:
 
     def _take(self, partition: int, message) -> None:
         self.position[partition] = message.offset + 1
+        if self.reading_since is None:
+            self.reading_since = time.time()
         if message.offset <= self.skip_until.get(partition, -1):
             return  # already in the dataset (a batch whose commit was lost)
         batch = self.pending.get(partition)
@@ -229,6 +233,9 @@ class IngestWorker:
                 for domain, count in manifest["documents"].items():
                     for specialist in self.specialists_of.get(domain, []):
                         self.metrics.documents.inc(count, {"specialist": specialist})
+                for domain, count in manifest["duplicates_by_domain"].items():
+                    for specialist in self.specialists_of.get(domain, []):
+                        self.metrics.duplicates.inc(count, {"specialist": specialist})
                 for reason, count in manifest["dead_letters"].items():
                     self.metrics.dead_letters.inc(count, {"reason": reason})
                 self.latencies_ms.extend(now_ms - ts for ts in batch.timestamps if ts is not None and ts >= 0)
@@ -269,11 +276,11 @@ class IngestWorker:
 
     def _write_batch(self, partition: int, batch: PendingBatch) -> dict:
         """Shards, then the manifest, of one partition's batch; returns the manifest."""
-        fresh, duplicates = [], 0
+        fresh, duplicates = [], collections.Counter()
         for row in batch.rows:
             known = self._known_ids(row["domain"])
             if row["id"] in known:  # stored before, or earlier in this batch
-                duplicates += 1
+                duplicates[row["domain"]] += 1
                 continue
             known.add(row["id"])
             fresh.append(row)
@@ -287,7 +294,8 @@ class IngestWorker:
         manifest = {
             "topic": self.topic, "partition": partition, "first_offset": batch.first, "last_offset": batch.last,
             "fingerprint": batch.fingerprint, "messages": batch.messages, "bytes": batch.bytes,
-            "documents": dict(collections.Counter(row["domain"] for row in fresh)), "duplicates": duplicates,
+            "documents": dict(collections.Counter(row["domain"] for row in fresh)),
+            "duplicates": sum(duplicates.values()), "duplicates_by_domain": dict(duplicates),
             "routed": sum(1 for row in fresh if row["assigned_by"] == "router"),
             "dead_letters": dict(collections.Counter(rejection.reason for rejection, _ in batch.rejected)),
             "shards": shards, "written_at": time.time(), "worker": self.worker,
@@ -325,8 +333,8 @@ class IngestWorker:
             return {"worker": self.worker, "partitions": partitions, "state": self.state, "errors": self.errors,
                     "last_error": self.last_error, "batches": self.batches, "totals": dict(self.totals),
                     "documents": dict(self.documents), "dead_letters": dict(self.dead_letters),
-                    "pending": sum(b.messages for b in self.pending.values()),
-                    "latencies_ms": list(self.latencies_ms)[-2000:]}
+                    "pending": sum(b.messages for b in self.pending.values()), "reading_since": self.reading_since,
+                    "latencies_ms": list(self.latencies_ms)[-STATUS_LATENCIES:]}
 
     def ping(self) -> bool:
         return self._thread.is_alive()
