@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -48,13 +49,19 @@ def sample_questions(config: SenmonConfig, chars: int = 80) -> dict[str, str]:
     return questions
 
 
-def ask(url: str, prompt: str, model: str = "auto", max_tokens: int = 24, api_key: str | None = None) -> dict:
-    """One completion over HTTP; returns who answered (the router's headers) and the text."""
+def ask(url: str, prompt: str, model: str = "auto", max_tokens: int = 24, api_key: str | None = None,
+        temperature: float = 0.8) -> dict:
+    """One completion over HTTP; returns who answered (the router's headers) and the text.
+
+    Sampled (with a fixed seed) rather than greedy: greedy decoding makes models this small repeat
+    one token forever.
+    """
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                                         "temperature": 0.0}, headers=headers, timeout=120)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_p": 0.95,
+            "seed": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
     body = response.json()
     if response.status_code != 200:
         raise RuntimeError(f"HTTP {response.status_code}: {body.get('error', {}).get('message', body)}")
@@ -128,6 +135,7 @@ def run(config: SenmonConfig, stream_domain: str | None = None, timeout_s: float
     from senmon.system import start_system
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per background request otherwise
     began = time.monotonic()
     stream_domain = stream_domain or ("japanese" if "japanese" in config.domains else config.domains[0])
     stream_spec = next(s for s in config.specialists if stream_domain in s.domains)
@@ -194,7 +202,7 @@ def run(config: SenmonConfig, stream_domain: str | None = None, timeout_s: float
         print(f"    {stream_domain} test perplexity: {ppl_before:.1f} -> {ppl_after:.1f}")
         print(f"    a request to {stream_spec.name} is now answered by v{check['version']}")
         print(f"    other specialists: {'unchanged' if report['others_unchanged'] else 'CHANGED'} "
-              f"({', '.join(f'{m} v{after[m]['version']}' for m in others)}); "
+              f"({', '.join(m + ' v' + str(after[m]['version']) for m in others)}); "
               f"{load.sent} requests to them during the stream and swap, {load.failed} failed")
         print(f"    freshness: {freshness_s:.0f} s from the first produced document to the new version answering")
     report["total_s"] = time.monotonic() - began

@@ -9,6 +9,7 @@ blocks to the Ray Train workers.
 from __future__ import annotations
 
 import numpy as np
+import ray.data
 
 from tokenizers import Tokenizer
 
@@ -34,5 +35,6 @@ def token_blocks(store, domains: list[str], split: str, tokenizer_json: str, seq
     """A materialized Ray dataset of token blocks (so its size is known before sizing the model)."""
     dataset = store.ray_dataset(domains, split).select_columns(["text"])
     packed = dataset.map_batches(PackTokens, fn_constructor_kwargs={"tokenizer_json": tokenizer_json, "seq_len": seq_len},
-                                 batch_size=DOCS_PER_BATCH, batch_format="numpy", concurrency=1, num_cpus=1)
+                                 batch_size=DOCS_PER_BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+                                 num_cpus=1)
     return packed.materialize()
