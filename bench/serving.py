@@ -1,0 +1,310 @@
+"""Serving, measured: router overhead, routing accuracy and latency, and a live swap under load.
+
+(1) Overhead: the same engine (one specialist application, a random-init Llama with the shared
+    tokenizer) driven at the same concurrency with the same prompts, once through the router over
+    HTTP (OpenAI JSON, API key, routing by name and by content) and once directly through the
+    engine's Serve handle (no HTTP, no router). Tokens/s and p50/p99 latency side by side.
+(2) Routing: the routing model trained on the full corpus; accuracy per domain on the test split
+    (whole documents and 100-character snippets), on hand-written prompts it never saw
+    (Japanese included), and its latency per prompt.
+(3) Swap: concurrent clients on the specialist while it is promoted to a new version;
+    requests sent, failed, and p99 latency before / during / after.
+Usage: python -m bench.serving [--requests N] [--concurrency 1,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import ray
+import yaml
+
+from bench.common import table, write_results
+from senmon.config import DEFAULT_CONFIG, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "bench-key"
+MAX_TOKENS = 64
+
+# Prompts written for this benchmark, not taken from the corpus: the router has never seen them.
+UNSEEN = {
+    "law": ["Can I sell a product that includes code under the GPL without publishing my changes?",
+            "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED.",
+            "Does the Apache License grant a patent licence to users of the work?",
+            "Redistributions of source code must retain the above copyright notice.",
+            "What obligations does a licensee have when distributing modified copies?"],
+    "code": ["How do I sort a list of dictionaries by a key in Python?",
+             "def parse(path):\n    with open(path) as f:\n        return json.load(f)",
+             "What does the asyncio.gather function return when one task raises?",
+             "Explain the difference between a tuple and a list, with examples of slicing.",
+             "import os\nfor root, dirs, files in os.walk('.'):\n    print(root)"],
+    "dictionary": ["Quixotic (adj.): exceedingly idealistic; unrealistic and impractical.",
+                   "What is the etymology of the word 'salary'?",
+                   "Define 'ephemeral' and give its part of speech.",
+                   "Lugubrious, a. Mournful; very sad or gloomy, especially in an exaggerated way.",
+                   "Ostentation, n. A pretentious display meant to attract notice."],
+    "literature": ["A man walks into a bar and asks the bartender for a glass of moonlight.",
+                   "Never trust a cat that quotes Shakespeare before breakfast.",
+                   "The rain fell softly on the old harbour, and the poet wrote of ships that never came home.",
+                   "Knock knock. Who's there? Interrupting cow.",
+                   "He who laughs last has probably not understood the joke."],
+    "japanese": ["日本の首都はどこですか？", "今日はとても良い天気ですね。散歩に行きましょう。",
+                 "この文章を英語に翻訳してください。", "吾輩は猫である。名前はまだ無い。",
+                 "東京から大阪まで新幹線で何時間かかりますか？"],
+}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+# --------------------------------------------------------------------------- (1) overhead
+
+
+async def drive(call, prompts: list[str], concurrency: int) -> dict:
+    """Run `call(prompt) -> completion tokens` over prompts with `concurrency` workers."""
+    queue = list(prompts)
+    latencies, tokens, failures = [], 0, 0
+
+    async def worker():
+        nonlocal tokens, failures
+        while queue:
+            prompt = queue.pop()
+            started = time.perf_counter()
+            try:
+                produced = await call(prompt)  # not `tokens += await ...`: that reads `tokens` before awaiting
+                tokens += produced
+                latencies.append(time.perf_counter() - started)
+            except Exception:
+                failures += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    wall = time.perf_counter() - started
+    return {"requests": len(prompts), "failed": failures, "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "p50_ms": pct(latencies, 50) * 1000, "p99_ms": pct(latencies, 99) * 1000}
+
+
+def overhead(url: str, model: str, app: str, prompts: list[str], auto_prompts: list[str],
+             levels: list[int]) -> list[dict]:
+    from ray import serve
+    from ray.serve.llm.openai_api_models import CompletionRequest
+
+    from senmon.serve.specialist import ENGINE_PREFIX
+
+    engine = serve.get_deployment_handle(ENGINE_PREFIX + model, app).options(stream=True)
+
+    async def direct(prompt: str) -> int:
+        request = CompletionRequest(model=model, prompt=prompt, max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0)
+        async for item in engine.completions.remote(request):
+            return item.usage.completion_tokens
+
+    async def run_all() -> list[dict]:
+        rows = []
+        async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {API_KEY}"},
+                                     limits=httpx.Limits(max_connections=256)) as http:
+            def via_router(name: str):
+                async def call(prompt: str) -> int:
+                    r = await http.post(url + "/v1/completions", json={
+                        "model": name, "prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0})
+                    r.raise_for_status()
+                    return r.json()["usage"]["completion_tokens"]
+                return call
+
+            await drive(direct, prompts[:8], 4)  # warm both paths
+            await drive(via_router(model), prompts[:8], 4)
+            for level in levels:
+                count = max(4 * level, 32)
+                batch = (prompts * (count // len(prompts) + 1))[:count]
+                auto_batch = (auto_prompts * (count // len(auto_prompts) + 1))[:count]
+                for path, call, texts in (("engine handle (direct)", direct, batch),
+                                          ("router, HTTP, named", via_router(model), batch),
+                                          ("router, HTTP, auto", via_router("auto"), auto_batch)):
+                    result = await drive(call, texts, level)
+                    rows.append({"path": path, "concurrency": level, **result})
+                    print(f"  {path:24s} c={level:3d}: {result['tokens_per_s']:8.0f} tok/s, "
+                          f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, failed {result['failed']}",
+                          flush=True)
+        return rows
+
+    return asyncio.run(run_all())
+
+
+# --------------------------------------------------------------------------- (2) routing
+
+
+def routing(config, store) -> dict:
+    from senmon.train.routing import train_router
+
+    started = time.monotonic()
+    model = train_router(config, store)
+    train_s = time.monotonic() - started
+    test = {s.name: [t for d in s.domains for t in store.texts(d, "test")] for s in config.specialists}
+    per_domain = {name: {"documents": len(docs)} for name, docs in test.items()}
+    for name, value in model.accuracy(test).items():
+        per_domain[name]["test_documents"] = value
+    for name, value in model.accuracy(test, snippet_chars=100).items():
+        per_domain[name]["test_snippets_100"] = value
+    unseen_rows = []
+    for name, prompts in UNSEEN.items():
+        routed = model.route(prompts)
+        per_domain[name]["unseen_prompts"] = sum(r.specialist == name for r in routed) / len(prompts)
+        unseen_rows += [{"domain": name, "prompt": p, "routed": r.specialist, "confidence": r.confidence}
+                        for p, r in zip(prompts, routed)]
+    single = [p for prompts in UNSEEN.values() for p in prompts] * 40
+    latencies = []
+    for prompt in single:
+        t = time.perf_counter()
+        model.route([prompt])
+        latencies.append((time.perf_counter() - t) * 1000)
+    return {"train_s": train_s, "per_domain": per_domain, "unseen": unseen_rows,
+            "latency_ms": {"p50": pct(latencies, 50), "p99": pct(latencies, 99), "samples": len(latencies)}}
+
+
+# --------------------------------------------------------------------------- (3) swap under load
+
+
+def swap_under_load(url: str, config, model: str, record: dict, clients: int) -> dict:
+    from senmon.serve.swap import swap
+
+    results: list[tuple[float, float, int]] = []
+    stop = threading.Event()
+
+    def load(prompt: str) -> None:
+        with httpx.Client(timeout=300, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    r = http.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 16})
+                    results.append((sent, time.monotonic() - sent, r.status_code))
+                except httpx.HTTPError:
+                    results.append((sent, time.monotonic() - sent, 0))
+
+    threads = [threading.Thread(target=load, args=(f"The licence {i}",)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(10)
+    started = time.monotonic()
+    timings = swap(config, model, record)
+    ended = time.monotonic()
+    time.sleep(10)
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    def phase(rows):
+        lat = [r[1] * 1000 for r in rows]
+        return {"requests": len(rows), "failed": sum(r[2] != 200 for r in rows), "p50_ms": pct(lat, 50),
+                "p99_ms": pct(lat, 99)}
+
+    return {"clients": clients, "swap": timings, "before": phase([r for r in results if r[0] < started]),
+            "during": phase([r for r in results if started <= r[0] <= ended]),
+            "after": phase([r for r in results if r[0] > ended]), "total": phase(results)}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", default=str(REPO / "var" / "bench-serving"))
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--port", type=int, default=18765)
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size of the served model")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    from ray import serve
+
+    from senmon.actors.registry import get_or_create_registry
+    from senmon.ingest.store import DatasetStore
+    from senmon.serve.app import deploy, shutdown
+    from senmon.serve.testing import tiny_checkpoint
+    from senmon.train.job import tokenizer_json
+
+    shutil.rmtree(args.storage, ignore_errors=True)
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    data.update(storage_root=args.storage, corpus_dir=str(REPO / "data" / "corpus"))
+    data["http"] = {"host": "127.0.0.1", "port": args.port, "api_keys": [API_KEY], "api_keys_env": None,
+                    "admin_keys_env": None}
+    data["serve"] = {"app_name": "senmon-bench", "confidence_threshold": 0.0}
+    for spec in data["specialists"]:
+        spec["serving"] = {"max_model_len": 256}
+    config = parse_config(data, source="bench", base_dir=REPO / "configs")
+    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    store = DatasetStore(config.storage_root)
+    store.seed_from_corpus(config.corpus_dir, config.domains)
+
+    print("(2) routing model on the full corpus", flush=True)
+    routed = routing(config, store)
+
+    tokenizer = tokenizer_json(config)
+    registry = get_or_create_registry(config.storage_root, name=f"bench-registry-{uuid.uuid4().hex[:6]}")
+    for seed, ppl in ((1, 50.0), (2, 40.0)):
+        path = tiny_checkpoint(Path(args.storage) / f"law-{seed}", tokenizer, hidden_size=args.hidden, layers=2,
+                               max_len=256, seed=seed)
+        ray.get(registry.register.remote("law", f"bench-{seed}", path, {"val_ppl": ppl}, {}, {}))
+    ray.get(registry.promote.remote("law", 1, 0.01))
+    shape = {"hidden_size": args.hidden, "num_hidden_layers": 2, "vocab_size": config.training.vocab_size}
+
+    print("deploying law v1 behind the router", flush=True)
+    served = deploy(config, registry)
+    law_prompts = [t[:200] for t in store.texts("law", "test")][:32]
+    # only law is deployed here: "auto" is driven with the law prompts the router sends to law
+    from senmon.train.routing import load_router
+
+    router_model = load_router(config.storage_root)
+    auto_prompts = [p for p, r in zip(law_prompts, router_model.route(law_prompts)) if r.specialist == "law"]
+    load_before = os.getloadavg()
+    print(f"(1) overhead (load average {load_before[0]:.1f})", flush=True)
+    over = overhead(served.url, "law", "senmon-bench-law-v1", law_prompts, auto_prompts, levels)
+    load_after = os.getloadavg()
+    print("(3) swap under load", flush=True)
+    record = ray.get(registry.promote.remote("law", 2, 0.01))
+    swapped = swap_under_load(served.url, config, "law", record, clients=8)
+    shutdown(config)
+    ray.kill(registry)
+
+    print("\nServing overhead: the same engine, same prompts, max_tokens 64 (ignore_eos)")
+    direct = {r["concurrency"]: r for r in over if r["path"].startswith("engine")}
+    rows = [[r["path"], r["concurrency"], f"{r['tokens_per_s']:,.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
+             f"{r['tokens_per_s'] / direct[r['concurrency']]['tokens_per_s']:.2f}", r["failed"]] for r in over]
+    print(table(["path", "concurrency", "tokens/s", "p50 ms", "p99 ms", "ratio vs direct", "failed"], rows))
+    print("\nRouting accuracy per domain")
+    print(table(["domain", "test docs", "test documents", "test snippets (100 chars)", "unseen prompts"],
+                [[d, v["documents"], f"{v['test_documents']:.3f}", f"{v['test_snippets_100']:.3f}",
+                  f"{v['unseen_prompts']:.2f}"] for d, v in routed["per_domain"].items()]))
+    print(f"routing latency per prompt: p50 {routed['latency_ms']['p50']:.3f} ms, p99 {routed['latency_ms']['p99']:.3f} ms")
+    print("\nSwap law v1 -> v2 under load (8 clients)")
+    print(table(["phase", "requests", "failed", "p50 ms", "p99 ms"],
+                [[p, swapped[p]["requests"], swapped[p]["failed"], f"{swapped[p]['p50_ms']:.0f}", f"{swapped[p]['p99_ms']:.0f}"]
+                 for p in ("before", "during", "after", "total")]))
+    print(f"swap: new engine up in {swapped['swap']['start_s']:.1f} s, warm {swapped['swap']['warm_s']:.2f} s, "
+          f"switched at {swapped['swap']['switched_at_s']:.1f} s, total {swapped['swap']['total_s']:.1f} s")
+    path = write_results("serving", {"model": shape, "max_tokens": MAX_TOKENS, "overhead": over,
+                                     "load_average_1m": {"before_overhead": load_before[0], "after_overhead": load_after[0],
+                                                         "cores": os.cpu_count()},
+                                     "auto_prompts_routed_to_law": f"{len(auto_prompts)}/{len(law_prompts)}",
+                                     "routing": routed,
+                                     "swap": swapped, "deploy_timings": served.timings})
+    print(f"\nresults: {path}")
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
