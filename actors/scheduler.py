@@ -6,7 +6,8 @@ expression from the config) or when ingest says enough new documents have arrive
 most `scheduler.max_concurrent_jobs` overall; a failed job is retried with backoff. Each job is
 `train_and_register`: Ray Train fits the model, the registry records the version and its gate
 decides. When the version is promoted, the scheduler calls the serving side's swap hook so only
-that specialist's replicas move to it; a rejected version changes nothing.
+that specialist's replicas move to it, then (in the background) the router hook, which retrains
+the routing model on the data as it now is; a rejected version changes nothing.
 
 How training leaves serving its share: Serve replicas reserve their CPUs / GPU fractions when
 they are deployed, and Ray never takes reserved resources away; a job's Ray Train workers ask
@@ -80,11 +81,12 @@ class Scheduler:
     """Async actor: a loop checks schedules; jobs run as Ray tasks; every run is recorded."""
 
     def __init__(self, config_data: dict, registry_name: str, namespace: str | None = None,
-                 swap_hook: str | None = None, data_reset_hook: str | None = None):
+                 swap_hook: str | None = None, data_reset_hook: str | None = None, router_hook: str | None = None):
         self.config: SenmonConfig = parse_config(config_data, source="scheduler")
         self.config_data = config_data
         self.registry_name, self.namespace = registry_name, namespace
-        self.swap_hook, self.data_reset_hook = swap_hook, data_reset_hook
+        self.swap_hook, self.data_reset_hook, self.router_hook = swap_hook, data_reset_hook, router_hook
+        self.background: list = []  # routing-model retrains started after promotions (not awaited)
         self.fs, base = filesystem(self.config.storage_root)
         self.path = f"{base}/scheduler/runs.json"
         raw = read_bytes(self.fs, self.path)
@@ -195,6 +197,9 @@ class Scheduler:
                         started = time.monotonic()
                         run["swap"] = await run_hook.remote(self.swap_hook, self.config_data, name, record)
                         run["swap_s"] = time.monotonic() - started
+                    if record["status"] == "serving" and self.router_hook:  # the data changed: so may routing
+                        self.background = [r for r in self.background if not ray.wait([r], timeout=0)[0]]
+                        self.background.append(run_hook.remote(self.router_hook, self.config_data))
                     run["ended_at"] = _now()
                     self._save()
                     break
@@ -223,11 +228,11 @@ class Scheduler:
 
 def get_or_create_scheduler(config: SenmonConfig, registry_name: str, namespace: str | None = None,
                             swap_hook: str | None = None, data_reset_hook: str | None = None,
-                            name: str = SCHEDULER_ACTOR):
+                            router_hook: str | None = None, name: str = SCHEDULER_ACTOR):
     """The named, detached scheduler actor (restarted by Ray after a crash), with its loop started."""
     actor = ray.remote(Scheduler).options(
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_restarts=-1, num_cpus=0,
         max_concurrency=64,
-    ).remote(config.model_dump(mode="json"), registry_name, namespace, swap_hook, data_reset_hook)
+    ).remote(config.model_dump(mode="json"), registry_name, namespace, swap_hook, data_reset_hook, router_hook)
     ray.get(actor.start.remote())
     return actor

@@ -28,6 +28,7 @@ REGISTRY = "senmon-registry"
 SCHEDULER = "senmon-scheduler"
 INGEST = "senmon-ingest"
 SWAP_HOOK = "senmon.system:swap_on_promotion"
+ROUTER_HOOK = "senmon.system:retrain_router"
 RESET_HOOK = "senmon.system:reset_new_data"
 
 
@@ -37,6 +38,23 @@ def swap_on_promotion(config_data: dict, name: str, record: dict) -> dict:
     from senmon.serve.swap import swap
 
     return swap(as_config(config_data), name, record)
+
+
+def retrain_router(config_data: dict) -> dict:
+    """Scheduler hook after a promotion: retrain the routing model on the data as it is now and
+    have every router replica load it (the swap itself never waits for this)."""
+    from senmon.ingest.store import DatasetStore
+    from senmon.serve.router import as_config
+    from senmon.serve.table import get_table
+    from senmon.train.routing import train_router
+
+    config = as_config(config_data)
+    model = train_router(config, DatasetStore(config.storage_root))
+    try:
+        ray.get(get_table(config.serve.app_name, config.ray.namespace).bump_routing.remote(), timeout=30)
+    except ValueError:  # nothing is serving: the next deploy loads the new model
+        pass
+    return {k: model.meta.get(k) for k in ("test_accuracy_documents", "test_accuracy_snippets_100")}
 
 
 def reset_new_data(name: str) -> None:
@@ -154,7 +172,7 @@ def start_system(config: SenmonConfig, *, train: bool = True, serve: bool = True
         if schedule:
             system.scheduler = get_or_create_scheduler(
                 config, REGISTRY, swap_hook=SWAP_HOOK if serve else None, data_reset_hook=RESET_HOOK if ingest else None,
-                name=SCHEDULER)
+                router_hook=ROUTER_HOOK if serve else None, name=SCHEDULER)
         if ingest:
             from senmon.ingest.supervisor import start_ingest
 

@@ -129,7 +129,8 @@ def _ensure_routing_model(config: SenmonConfig) -> None:
     from senmon.ingest.store import DatasetStore
     from senmon.train.routing import load_router, train_router
 
-    if load_router(config.storage_root) is None:
+    existing = load_router(config.storage_root)
+    if existing is None or set(existing.labels) != {s.name for s in config.specialists}:  # none, or a specialist added
         started = time.monotonic()
         train_router(config, DatasetStore(config.storage_root))
         log.info("routing model trained in %.1f s", time.monotonic() - started)
