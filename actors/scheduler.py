@@ -232,7 +232,7 @@ def get_or_create_scheduler(config: SenmonConfig, registry_name: str, namespace:
     """The named, detached scheduler actor (restarted by Ray after a crash), with its loop started."""
     actor = ray.remote(Scheduler).options(
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True, max_restarts=-1, num_cpus=0,
-        max_concurrency=64,
+        max_task_retries=-1, max_concurrency=64,
     ).remote(config.model_dump(mode="json"), registry_name, namespace, swap_hook, data_reset_hook, router_hook)
     ray.get(actor.start.remote())
     return actor
