@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata
@@ -43,6 +44,13 @@ KAFKA_TIMEOUT_MS = 15_000
 LATENCY_SAMPLES = 20_000
 STATUS_LATENCIES = 5_000  # the newest samples sent with each status
 DEAD_LETTER_TRUNCATE = 64 * 1024  # only when the dead-letter topic refuses the original size
+
+
+def fetch_sizes(settings) -> dict:
+    """Consumer fetch limits: large fetches read fastest; one batch's bytes bound them."""
+    fetch_max = min(settings.batch_max_bytes, 50 * 2**20)
+    return {"fetch_max_bytes": fetch_max,
+            "max_partition_fetch_bytes": min(fetch_max, max(8 * 2**20, settings.max_document_bytes + 4096))}
 
 
 @dataclass
@@ -85,6 +93,7 @@ class IngestWorker:
         self.latencies_ms: collections.deque = collections.deque(maxlen=LATENCY_SAMPLES)
         self.committed: dict[int, int | None] = {p: None for p in self.partitions}
         self.highwater: dict[int, int | None] = {p: None for p in self.partitions}
+        pa.table({k: [] for k in INGESTED_SCHEMA.names}, schema=INGESTED_SCHEMA)  # pyarrow imports pandas on first use
         self._thread = threading.Thread(target=self._run, name=f"senmon-ingest-{worker}", daemon=True)
         self._thread.start()
 
@@ -126,8 +135,7 @@ class IngestWorker:
                       "reconnect_backoff_max_ms": int(settings.retry_backoff_max_s * 1000)}
         self.consumer = KafkaConsumer(
             **kwargs, **backoff_ms, group_id=settings.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
-            max_poll_records=settings.max_poll_records, fetch_max_bytes=min(settings.batch_max_bytes, 50 * 2**20),
-            max_partition_fetch_bytes=max(2**20, settings.max_document_bytes + 4096))
+            max_poll_records=settings.max_poll_records, **fetch_sizes(settings))
         self.producer = KafkaProducer(**kwargs, **backoff_ms, acks="all", linger_ms=5, max_request_size=64 * 2**20)
         partitions = [TopicPartition(self.topic, p) for p in self.partitions]
         self.consumer.assign(partitions)

@@ -418,7 +418,8 @@ def test_ingest_stalls_while_kafka_is_unreachable_and_resumes_without_loss(ray_l
 
 
 def _run_through_outages(ray, make_config, supervisor, proxy, bootstrap):
-    config = ingest_config(make_config, bootstrap, actors=1, flush_interval_s=3.0)  # a wide window to cut in
+    config = ingest_config(make_config, bootstrap, actors=1, flush_interval_s=3.0,  # batches flush by time:
+                           batch_max_documents=10_000)  # a wide window to cut the connections in
     docs = corpus_documents(900, seed=2)
     values, keys = encode(docs)
     handle = supervisor(config)
@@ -432,7 +433,8 @@ def _run_through_outages(ray, make_config, supervisor, proxy, bootstrap):
     proxy.restore()
 
     produce(config, values[300:600], keys[300:600])
-    wait_until(lambda: ray.get(handle.status.remote())["workers"][0]["pending"] > 0, 120, "a batch being gathered")
+    wait_until(lambda: ray.get(handle.status.remote())["workers"][0]["pending"] > 0, 120, "a batch being gathered",
+               explain=lambda: ray.get(handle.status.remote()))
     proxy.cut()  # cut again with a batch in hand: its commit cannot reach Kafka
     time.sleep(3)
     proxy.restore()
