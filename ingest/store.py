@@ -67,7 +67,8 @@ class DatasetStore:
 
     def shard_paths(self, domain: str, split: str) -> list[str]:
         selector = pafs.FileSelector(self._dir(domain, split), allow_not_found=True)
-        return sorted(i.path for i in self.fs.get_file_info(selector) if i.path.endswith(".parquet"))
+        return sorted(i.path for i in self.fs.get_file_info(selector)  # not the .tmp- files of writes in progress
+                      if i.path.endswith(".parquet") and not i.base_name.startswith("."))
 
     def uri(self, path: str) -> str:
         """The form of a path that Ray Data and other processes accept."""

@@ -187,6 +187,14 @@ def test_shard_names_are_deterministic_and_parse_back():
     assert spread([0, 1], 5) == [[0], [1]]
 
 
+def test_a_write_cut_short_leaves_nothing_readers_trip_on(tmp_path):
+    store = DatasetStore(str(tmp_path))
+    [path] = store.write_shard([{"id": "a", "domain": "law", "text": "GPL", "source": "s"}], name="kafka-t-p0-x")
+    Path(path).with_name(".tmp-0123.parquet").write_bytes(b"")  # an actor killed inside pq.write_table
+    assert store.shard_paths("law", "train") == [path]
+    assert store.ids("law") == {"a"} and store.read_table("law", "train").num_rows == 1
+
+
 def test_retrain_count_survives_a_restart_and_resets(tmp_path):
     root = str(tmp_path)
 
