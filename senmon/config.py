@@ -188,7 +188,8 @@ class ServingConfig(_Strict):
     gpu_memory_utilization: float = Field(0.15, gt=0, le=0.95)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    max_model_len: int = Field(512, ge=16)
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context served; None: training.seq_len, the context the models are trained for.")
 
     @model_validator(mode="after")
     def _fits(self) -> "ServingConfig":
@@ -318,6 +319,11 @@ class SenmonConfig(_Strict):
         if self.generalist.name in names:
             raise ValueError(f"the generalist's name {self.generalist.name!r} is also a specialist's")
         return self
+
+    def context_length(self, model: str) -> int:
+        """The context served for `model` (a specialist or the generalist): its max_model_len or seq_len."""
+        serving = self.generalist.serving if model == self.generalist.name else self.specialist(model).serving
+        return serving.max_model_len or self.training.seq_len
 
     def specialist(self, name: str) -> SpecialistConfig:
         for spec in self.specialists:

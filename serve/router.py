@@ -188,9 +188,7 @@ class Router:
     # ----------------------------------------------------------------- routing
 
     def _max_model_len(self, model: str) -> int:
-        if model == self.generalist:
-            return self.config.generalist.serving.max_model_len
-        return self.config.specialist(model).serving.max_model_len
+        return self.config.context_length(model)
 
     def _version(self, model: str) -> int | None:
         entry = self.entries.get(model)

@@ -50,7 +50,7 @@ def llm_config(config: SenmonConfig, model: str, version: int, path: str):
     from ray.serve.llm import LLMConfig
 
     serving = serving_config(config, model)
-    engine_kwargs: dict = {"max_model_len": serving.max_model_len,
+    engine_kwargs: dict = {"max_model_len": config.context_length(model),
                            "gpu_memory_utilization": serving.gpu_memory_utilization}
     template = config.serve.chat_template or (None if has_chat_template(path) else PLAIN_CHAT_TEMPLATE)
     if template:
