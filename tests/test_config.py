@@ -125,3 +125,11 @@ def test_api_keys_from_environment(make_config, monkeypatch):
     config = make_config(http={"api_keys": ["k0"]})
     api, admin = config.http.resolved_keys()
     assert api == ["k0", "k1", "k2"]
+
+
+def test_served_context_defaults_to_the_trained_sequence_length(make_config, embedded_config_data):
+    config = make_config()
+    assert config.context_length("law") == config.context_length("generalist") == config.training.seq_len
+    specialists = [dict(s) for s in embedded_config_data["specialists"]]
+    specialists[0]["serving"] = {"max_model_len": 128}
+    assert make_config(specialists=specialists).context_length(specialists[0]["name"]) == 128
