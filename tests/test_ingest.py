@@ -422,6 +422,7 @@ def test_ingest_stalls_while_kafka_is_unreachable_and_resumes_without_loss(ray_l
         with isolated:
             _run_through_outages(ray_local, make_config, supervisor, proxy, isolated.bootstrap)
     finally:
+        proxy.cut()
         proxy.loop.call_soon_threadsafe(proxy.loop.stop)
 
 
