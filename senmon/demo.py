@@ -193,8 +193,8 @@ def run(config: SenmonConfig, stream_domain: str | None = None, timeout_s: float
             "test_ppl_before": ppl_before, "test_ppl_after": ppl_after, "answered_by_after": check["version"],
             "others_unchanged": all(before[m]["version"] == after[m]["version"] for m in others),
             "background_requests": load.sent, "background_failed": load.failed, "background_errors": load.errors[:5],
-            "freshness_s": freshness_s, "ingest": {k: ingest_status.get(k) for k in ("documents", "dead_letters")
-                                                    if k in ingest_status},
+            "freshness_s": freshness_s, "ingest": {k: ingest_status.get("totals", {}).get(k)
+                                                    for k in ("documents", "duplicates", "dead_letters")},
         })
         _step("report")
         print(f"    {stream_spec.name}: v{report['version_before']} -> v{report['version_after']} "
