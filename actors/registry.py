@@ -180,6 +180,14 @@ class ModelRegistry:
         return True
 
 
+def serving_records_from_file(storage_root: str, models: list[str]) -> dict[str, dict]:
+    """The serving record of each of `models` read from the registry's durable file (no Ray needed)."""
+    fs, base = filesystem(storage_root)
+    data = read_bytes(fs, f"{base}/registry/registry.json")
+    state = RegistryState(json.loads(data)["specialists"] if data else {})
+    return {m: r for m in models if (r := state.current(m)) is not None}
+
+
 def get_or_create_registry(storage_root: str, name: str = REGISTRY_ACTOR, namespace: str | None = None):
     """The named, detached registry actor: restarted by Ray after a crash, calls retried on it."""
     return ray.remote(ModelRegistry).options(

@@ -273,7 +273,7 @@ def cmd_status(args, config: SenmonConfig) -> int:
 
     import ray
 
-    from senmon.serve.app import _records_from_file
+    from senmon.actors.registry import serving_records_from_file
     from senmon.storage import filesystem, read_bytes
     from senmon.system import INGEST, REGISTRY, SCHEDULER, model_names
 
@@ -281,7 +281,7 @@ def cmd_status(args, config: SenmonConfig) -> int:
     schedule, ingest = {}, None
     if state is None:
         print(f"senmon is not up (storage root {config.storage_root}); versions from the registry file:")
-        records = _records_from_file(config)
+        records = serving_records_from_file(config.storage_root, model_names(config))
     else:
         _connect(state)
         print(f"senmon is up since {state['started_at']}: {state['url']}, Ray {state['ray_address']}")

@@ -32,6 +32,7 @@ import ray
 from ray import serve
 
 from senmon.config import SenmonConfig
+from senmon.actors.registry import serving_records_from_file
 from senmon.serve.auth import bind_host
 from senmon.serve.router import Router, as_config
 from senmon.serve.specialist import app_name, build_specialist_app
@@ -86,19 +87,6 @@ def _serving_records(config: SenmonConfig, registry) -> dict[str, dict]:
     return records
 
 
-def _records_from_file(config: SenmonConfig) -> dict[str, dict]:
-    """The registry's serving records read from its durable file (no Ray needed)."""
-    import json
-
-    from senmon.actors.registry import RegistryState
-    from senmon.storage import filesystem, read_bytes
-
-    fs, base = filesystem(config.storage_root)
-    data = read_bytes(fs, f"{base}/registry/registry.json")
-    state = RegistryState(json.loads(data)["specialists"] if data else {})
-    return {m: r for m in all_models(config) if (r := state.current(m)) is not None}
-
-
 def build_serve_config(config: SenmonConfig, config_path: str | Path | None = None,
                        registry: Any = None) -> dict:
     """A Serve config (YAML-able dict for `serve deploy`) that builds what `deploy` builds.
@@ -108,7 +96,7 @@ def build_serve_config(config: SenmonConfig, config_path: str | Path | None = No
     versions come from `registry` (an actor handle) or else from the registry's file.
     """
     arg = str(config_path) if config_path is not None else config.model_dump(mode="json")
-    records = _serving_records(config, registry) if registry is not None else _records_from_file(config)
+    records = _serving_records(config, registry) if registry is not None else serving_records_from_file(config.storage_root, all_models(config))
     applications = [{"name": config.serve.app_name, "route_prefix": "/",
                      "import_path": "senmon.serve.app:build_router", "args": {"config": arg}}]
     for model, record in records.items():
