@@ -92,9 +92,14 @@ def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.2, expl
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}" + (f"; {explain()}" if explain else ""))
 
 
-def read_topic(config, topic: str, expected: int, timeout_s: float = 20.0) -> list:
+def read_topic(config, topic: str, expected: int, timeout_s: float = 60.0) -> list:
+    """Every message of `topic` from offset 0 (an explicit seek: no ListOffsets round trip, which the
+    embedded broker answers unreliably), until `expected` arrived or the time is up."""
     consumer = KafkaConsumer(**config.kafka.client_kwargs(), enable_auto_commit=False, auto_offset_reset="earliest")
-    consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)])
+    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(partitions)
+    for tp in partitions:
+        consumer.seek(tp, 0)
     messages, deadline = [], time.monotonic() + timeout_s
     while len(messages) < expected and time.monotonic() < deadline:
         for batch in consumer.poll(timeout_ms=500).values():
