@@ -127,27 +127,23 @@ def cmd_versions(args, config: SenmonConfig) -> int:
 def cmd_eval(args, config: SenmonConfig) -> int:
     import json
 
-    import ray
-
+    from senmon.actors.registry import serving_records_from_file
     from senmon.train.evaluate import compare_on_file, read_eval_file
 
     by_domain = read_eval_file(args.file)
-    stack, registry = _with_registry(config)
-    with stack:
-        def serving(name: str):
-            record = ray.get(registry.current.remote(name))
-            return (name, record["version"], record["path"]) if record else None
+    # read-only: the registry's durable file says what serves; no Ray needed to evaluate on this machine
+    serving = serving_records_from_file(config.storage_root, [config.generalist.name] +
+                                        [s.name for s in config.specialists])
 
-        specialist_for = {}
-        for spec in config.specialists:
-            model = serving(spec.name)
-            for domain in spec.domains:
-                if model:
-                    specialist_for[domain] = model
-        generalist = serving(config.generalist.name)
-        if not specialist_for and generalist is None:
-            raise CommandError("no version is serving yet; train one with 'senmon train NAME'")
-        rows = compare_on_file(by_domain, specialist_for, generalist, config.training.seq_len)
+    def model(name: str) -> tuple[str, int, str] | None:
+        return (name, serving[name]["version"], serving[name]["path"]) if name in serving else None
+
+    specialist_for = {domain: model(spec.name) for spec in config.specialists for domain in spec.domains
+                      if spec.name in serving}
+    generalist = model(config.generalist.name)
+    if not specialist_for and generalist is None:
+        raise CommandError("no version is serving yet; train one with 'senmon train NAME'")
+    rows = compare_on_file(by_domain, specialist_for, generalist, config.training.seq_len)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0

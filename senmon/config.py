@@ -52,6 +52,10 @@ class RayConfig(_Strict):
         8, ge=1, description="Logical CPUs of a local instance (more than the cores, so Serve and Train both fit)."
     )
     namespace: str = "senmon"
+    log_to_driver: bool = Field(
+        False, description="Print every actor's and replica's log lines in the driver (they are always in "
+                           "the Ray session's logs directory)."
+    )
 
 
 # --------------------------------------------------------------------------- kafka
@@ -259,6 +263,9 @@ class TrainingConfig(_Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers per job.")
     cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
+    startup_jobs: int = Field(
+        2, ge=1, description="First versions trained at once when the system starts (nothing is served yet; each "
+                             "job's worker uses cpus_per_worker threads). Later retraining: scheduler.max_concurrent_jobs.")
     promotion_margin: float = Field(0.01, ge=0, description="Relative validation-perplexity gain needed to promote.")
 
 
@@ -275,7 +282,9 @@ class ServeConfig(_Strict):
         None, ge=1, description="max_tokens applied when a request sets none (None: up to the context length).")
     chat_template: str | None = Field(
         None, description="Jinja chat template for models whose tokenizer has none (None: messages joined by lines).")
-    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per engine on CPU hosts (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_kv_cache_mib: int = Field(
+        1024, ge=16, description="KV cache per engine on CPU hosts (vLLM's kv_cache_memory_bytes; a "
+                                 "VLLM_CPU_KVCACHE_SPACE in the environment, in GiB, overrides it as vLLM does).")
     cpus_per_engine: float = Field(1.0, gt=0, description="Logical CPUs reserved per engine replica.")
     router_replicas: int = Field(1, ge=1)
     drain_timeout_s: float = Field(60.0, gt=0, description="Longest a swap waits for the old version's requests.")
@@ -294,6 +303,27 @@ class SchedulerConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- root
+
+
+ROUTER_REPLICA_CPUS = 0.5
+TRAINING_DATA_CPUS = 2  # a job's Ray Data stage: the tokenizing actor plus one read task
+
+
+def logical_cpus_needed(config: "SenmonConfig") -> dict[str, float]:
+    """Logical CPUs reserved at the busiest moment while serving: every model's engines, one more
+    engine during a blue/green swap, the router, the ingest actors and the concurrent retraining jobs."""
+    models = [config.generalist.serving] + [s.serving for s in config.specialists]
+    per_engine = [1.0 if m.num_gpus > 0 else config.serve.cpus_per_engine for m in models]  # as their bundles
+    per_job = max(TRAINING_DATA_CPUS, config.training.num_workers * config.training.cpus_per_worker)
+    needed = {
+        "engines": sum(max(1, m.min_replicas) * cpus for m, cpus in zip(models, per_engine)),
+        "swap": max(per_engine),
+        "router": config.serve.router_replicas * ROUTER_REPLICA_CPUS,
+        "ingest": config.ingest.actors * config.ingest.actor_num_cpus,
+        "training": config.scheduler.max_concurrent_jobs * per_job,
+    }
+    needed["total"] = sum(needed.values())
+    return needed
 
 
 class SenmonConfig(_Strict):
@@ -318,6 +348,18 @@ class SenmonConfig(_Strict):
             raise ValueError(f"specialist names must be unique; repeated: {', '.join(duplicates)}")
         if self.generalist.name in names:
             raise ValueError(f"the generalist's name {self.generalist.name!r} is also a specialist's")
+        return self
+
+    @model_validator(mode="after")
+    def _local_ray_has_the_cpus(self) -> "SenmonConfig":
+        if self.ray.address is None and self.ray.num_cpus is not None:
+            needed = logical_cpus_needed(self)
+            if needed["total"] > self.ray.num_cpus:
+                parts = ", ".join(f"{k} {v:g}" for k, v in needed.items() if k != "total")
+                raise ValueError(
+                    f"ray.num_cpus: {self.ray.num_cpus} logical CPUs cannot hold what this config runs at once "
+                    f"({parts}; {needed['total']:g} in all), so a retraining job would wait forever for a CPU. "
+                    f"Raise ray.num_cpus (logical CPUs may exceed the cores) or lower serve.cpus_per_engine")
         return self
 
     def context_length(self, model: str) -> int:

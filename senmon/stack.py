@@ -9,7 +9,6 @@ cluster and checks that the configured Kafka answers; it starts and stops nothin
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -47,17 +46,25 @@ class Stack:
         self.stop()
 
 
+def quiet_driver_logs() -> None:
+    """Keep this terminal to senmon's own lines: Serve prints each deployment's options and Ray Data
+    each dataset's plan at INFO in the driver (they stay in the session's logs directory)."""
+    for name in ("ray.serve", "ray.data", "ray.train", "ray.llm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def start_ray(config: SenmonConfig) -> bool:
     """Connect to (or start) Ray; True when this call started a local instance."""
+    if not config.ray.log_to_driver:
+        quiet_driver_logs()
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}}
     if config.ray.address:
-        ray.init(address=config.ray.address, namespace=config.ray.namespace, runtime_env=env,
-                 logging_level=logging.WARNING)
+        ray.init(address=config.ray.address, namespace=config.ray.namespace,
+                 logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
         return False
     ray.init(num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, include_dashboard=False,
-             runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
+             logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
     return True
 
 

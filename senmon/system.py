@@ -70,21 +70,44 @@ def model_names(config: SenmonConfig) -> list[str]:
     return [config.generalist.name] + [s.name for s in config.specialists]
 
 
-def train_missing(config: SenmonConfig, registry, say: Callable[[str], None] = print) -> dict[str, dict]:
-    """Train and register a first version of every model that has none serving; returns the records."""
-    from senmon.train.job import train_and_register
+def train_missing(config: SenmonConfig, registry, say: Callable[[str], None] = print,
+                  registry_name: str = REGISTRY) -> dict[str, dict]:
+    """Train and register a first version of every model that has none serving; returns the records.
 
-    records = {}
-    for name in model_names(config):
-        record = ray.get(registry.current.remote(name))
-        if record is None:
-            started = time.monotonic()
-            say(f"training {name} on Ray Train ...")
-            record = train_and_register(config, name, registry)
-            metrics, sizing = record["metrics"], record["sizing"]
-            say(f"  {name} v{record['version']}: {sizing.get('non_embedding_params', 0):,} non-embedding params, "
-                f"{record['data']['tokens_seen']:,} tokens, val ppl {metrics['val_ppl']:.1f}, "
-                f"{time.monotonic() - started:.0f} s ({record['status']})")
+    The jobs are the scheduler's own (`retrain_job`, one Ray task each), `training.startup_jobs` at a
+    time: Ray Train pins each worker to `cpus_per_worker` threads, so one job alone leaves cores idle.
+    """
+    from senmon.actors.scheduler import retrain_job
+    from senmon.train.job import tokenizer_json
+
+    records = {name: ray.get(registry.current.remote(name)) for name in model_names(config)}
+    missing = [name for name, record in records.items() if record is None]
+    if not missing:
+        return records
+    tokenizer_json(config)  # shared by every job; trained once here rather than raced by each
+    namespace = ray.get_runtime_context().namespace
+    config_data = config.model_dump(mode="json")
+    queue, running, started = list(missing), {}, {}
+    say(f"training {len(missing)} models on Ray Train, {min(len(missing), config.training.startup_jobs)} at a time: "
+        + ", ".join(missing))
+    while queue or running:
+        while queue and len(running) < config.training.startup_jobs:
+            name = queue.pop(0)
+            started[name] = time.monotonic()
+            running[retrain_job.remote(config_data, name, registry_name, namespace, None, None)] = name
+        [done], _ = ray.wait(list(running), num_returns=1)
+        name = running.pop(done)
+        try:
+            record = ray.get(done)
+        except ray.exceptions.RayError as error:
+            for ref in running:
+                ray.cancel(ref, force=True)
+            cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+            raise RuntimeError(f"training the first version of {name} failed: {cause}") from None
+        metrics, sizing = record["metrics"], record["sizing"]
+        say(f"  {name} v{record['version']}: {sizing.get('non_embedding_params', 0):,} non-embedding params, "
+            f"{record['data']['tokens_seen']:,} tokens, val ppl {metrics['val_ppl']:.1f}, "
+            f"{time.monotonic() - started[name]:.0f} s ({record['status']})")
         records[name] = record
     return records
 

@@ -31,7 +31,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from senmon.config import SenmonConfig
+from senmon.config import ROUTER_REPLICA_CPUS, SenmonConfig
 from senmon.actors.registry import serving_records_from_file
 from senmon.serve.auth import bind_host
 from senmon.serve.router import Router, as_config
@@ -61,7 +61,7 @@ def router_app(config: SenmonConfig, registry: Any = None, table: Any = None, co
     """The router as a bound application; `config_arg` (a path or a mapping) is what its replicas parse."""
     deployment = serve.deployment(
         Router, name=ROUTER_DEPLOYMENT, num_replicas=config.serve.router_replicas, max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 0.5}, health_check_period_s=5, graceful_shutdown_timeout_s=30,
+        ray_actor_options={"num_cpus": ROUTER_REPLICA_CPUS}, health_check_period_s=5, graceful_shutdown_timeout_s=30,
     )
     return deployment.bind(config_arg if config_arg is not None else config.model_dump(mode="json"), registry, table)
 

