@@ -200,7 +200,7 @@ class Scheduler:
                     if record["status"] == "serving" and self.router_hook:  # the data changed: so may routing
                         self.background = [r for r in self.background if not ray.wait([r], timeout=0)[0]]
                         self.background.append(run_hook.remote(self.router_hook, self.config_data))
-                    run["ended_at"] = _now()
+                    run.update(ended_at=_now(), ended_ts=time.time())
                     self._save()
                     break
                 except Exception as error:  # recorded, then retried; the serving version is untouched

@@ -239,7 +239,7 @@ def main() -> None:
     data.update(storage_root=args.storage, corpus_dir=str(REPO / "data" / "corpus"))
     data["http"] = {"host": "127.0.0.1", "port": args.port, "api_keys": [API_KEY], "api_keys_env": None,
                     "admin_keys_env": None}
-    data["serve"] = {"app_name": "senmon-bench", "confidence_threshold": 0.0}
+    data["serve"] = dict(data["serve"], app_name="senmon-bench", confidence_threshold=0.0)
     for spec in data["specialists"]:
         spec["serving"] = {"max_model_len": 256}
     config = parse_config(data, source="bench", base_dir=REPO / "configs")

@@ -172,7 +172,7 @@ def cmd_demo(args, config: SenmonConfig) -> int:
         shutil.rmtree(root, ignore_errors=True)
         config = config.model_copy(update={"storage_root": str(root)})
     report = demo.run(config)
-    return 0 if report["background_failed"] == 0 and report["answered_by_after"] is not None else 1
+    return 0 if report["background_failed"] == report["swapped_failed"] == 0 and report["answered_by_after"] else 1
 
 
 # --------------------------------------------------------------------------- the running system

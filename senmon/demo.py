@@ -71,26 +71,32 @@ def ask(url: str, prompt: str, model: str = "auto", max_tokens: int = 24, api_ke
 
 
 class BackgroundLoad:
-    """Requests to the given models, one after another per model, counting every failure."""
+    """Requests to the given models, one after another per model, counting every failure per model.
 
-    def __init__(self, url: str, models: list[str], prompt: str = "The", api_key: str | None = None):
-        self.url, self.models, self.prompt, self.api_key = url, models, prompt, api_key
-        self.sent = self.failed = 0
+    A steady trickle (`pause_s` between a model's requests), not saturation: on two cores a
+    saturating load starves the retraining job it is meant to run beside."""
+
+    def __init__(self, url: str, models: list[str], prompt: str = "The", api_key: str | None = None,
+                 pause_s: float = 0.25):
+        self.url, self.models, self.prompt, self.api_key, self.pause_s = url, models, prompt, api_key, pause_s
+        self.sent = dict.fromkeys(models, 0)
+        self.failed = dict.fromkeys(models, 0)
         self.errors: list[str] = []
-        self.answered_by: dict[str, set] = {m: set() for m in models}
+        self.answered_by: dict[str, list[str]] = {m: [] for m in models}  # versions, in the order they answered
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(m,), daemon=True) for m in models]
 
     def _loop(self, model: str) -> None:
         while not self._stop.is_set():
-            self.sent += 1
+            self.sent[model] += 1
             try:
                 answer = ask(self.url, self.prompt, model=model, max_tokens=8, api_key=self.api_key)
-                self.answered_by[model].add(answer["version"])
+                if not self.answered_by[model] or self.answered_by[model][-1] != answer["version"]:
+                    self.answered_by[model].append(answer["version"])
             except Exception as error:  # counted, never hidden
-                self.failed += 1
+                self.failed[model] += 1
                 self.errors.append(f"{model}: {error}")
-            time.sleep(0.05)
+            self._stop.wait(self.pause_s)
 
     def __enter__(self) -> "BackgroundLoad":
         for thread in self._threads:
@@ -109,6 +115,31 @@ def test_perplexity(config: SenmonConfig, record: dict, domain: str) -> float:
     result = ray.get(evaluate_checkpoint.remote(record["path"], config.storage_root, [domain], "test",
                                                 config.training.seq_len))
     return result[domain]["perplexity"]
+
+
+def freshness_breakdown(first_produced_ts: float, answered_ts: float, run: dict, record: dict) -> dict[str, float]:
+    """Where the seconds from the first produced document to the new version answering went.
+
+    ingest: produced -> stored -> the threshold signal -> the scheduler starts the job;
+    training: tokenizer, Ray Data packing and Ray Train; evaluation: validation perplexity on every
+    domain; register + gate: the rest of the job; swap: new engine up, warmed, switched, old drained;
+    observed: until the demo saw the run end (its 1 s poll).
+    """
+    timings = (record.get("data") or {}).get("timings") or {}
+    swap_s = run.get("swap_s") or 0.0
+    job_s = (run.get("ended_ts") or answered_ts) - run["started_ts"] - swap_s
+    training_s = sum(timings.get(k, 0.0) for k in ("tokenizer_s", "data_s", "train_s"))
+    evaluation_s = timings.get("eval_s", 0.0)
+    parts = {
+        "ingest_s": run["started_ts"] - first_produced_ts,
+        "training_s": training_s,
+        "evaluation_s": evaluation_s,
+        "register_gate_s": job_s - training_s - evaluation_s,
+        "swap_s": swap_s,
+        "observed_s": answered_ts - (run.get("ended_ts") or answered_ts),
+    }
+    parts["total_s"] = answered_ts - first_produced_ts
+    return {k: round(v, 1) for k, v in parts.items()}
 
 
 def wait_for_retrain(scheduler, name: str, after_runs: int, timeout_s: float, max_failures: int = 3) -> dict:
@@ -175,12 +206,12 @@ def run(config: SenmonConfig, stream_domain: str | None = None, timeout_s: float
         stream_file.parent.mkdir(parents=True, exist_ok=True)
         stream_file.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in stream_docs), encoding="utf-8")
         others = [s.name for s in config.specialists if s.name != stream_spec.name]
-        first_produced = time.monotonic()
-        with BackgroundLoad(system.url, others, api_key=api_key) as load:
+        first_produced, first_produced_ts = time.monotonic(), time.time()
+        with BackgroundLoad(system.url, [stream_spec.name] + others, api_key=api_key) as load:
             produced = produce_file(config, stream_file)
             print(f"    produced {produced.sent} documents ({produced.bytes / 1e6:.2f} MB) in {produced.seconds:.1f} s")
             run_record = wait_for_retrain(system.scheduler, stream_spec.name, runs_before, timeout_s)
-            freshness_s = time.monotonic() - first_produced
+            freshness_s, answered_ts = time.monotonic() - first_produced, time.time()
             time.sleep(1.0)  # a last round of requests on the final state
         after = {m: ray.get(system.registry.current.remote(m)) for m in before}
         ppl_after = test_perplexity(config, after[stream_spec.name], stream_domain)
@@ -192,9 +223,14 @@ def run(config: SenmonConfig, stream_domain: str | None = None, timeout_s: float
             "version_before": before[stream_spec.name]["version"], "version_after": after[stream_spec.name]["version"],
             "test_ppl_before": ppl_before, "test_ppl_after": ppl_after, "answered_by_after": check["version"],
             "others_unchanged": all(before[m]["version"] == after[m]["version"] for m in others),
-            "background_requests": load.sent, "background_failed": load.failed, "background_errors": load.errors[:5],
-            "freshness_s": freshness_s, "ingest": {k: ingest_status.get("totals", {}).get(k)
-                                                    for k in ("documents", "duplicates", "dead_letters")},
+            "background_requests": sum(load.sent[m] for m in others),
+            "background_failed": sum(load.failed[m] for m in others), "background_errors": load.errors[:5],
+            "swapped_requests": load.sent[stream_spec.name], "swapped_failed": load.failed[stream_spec.name],
+            "swapped_answered_by": load.answered_by[stream_spec.name],
+            "freshness_s": freshness_s,
+            "freshness": freshness_breakdown(first_produced_ts, answered_ts, run_record,
+                                             ray.get(system.registry.get.remote(stream_spec.name, run_record["version"]))),
+            "ingest": {k: ingest_status.get("totals", {}).get(k) for k in ("documents", "duplicates", "dead_letters")},
         })
         _step("report")
         print(f"    {stream_spec.name}: v{report['version_before']} -> v{report['version_after']} "
@@ -203,8 +239,14 @@ def run(config: SenmonConfig, stream_domain: str | None = None, timeout_s: float
         print(f"    a request to {stream_spec.name} is now answered by v{check['version']}")
         print(f"    other specialists: {'unchanged' if report['others_unchanged'] else 'CHANGED'} "
               f"({', '.join(m + ' v' + str(after[m]['version']) for m in others)}); "
-              f"{load.sent} requests to them during the stream and swap, {load.failed} failed")
-        print(f"    freshness: {freshness_s:.0f} s from the first produced document to the new version answering")
+              f"{report['background_requests']} requests to them during the stream and swap, "
+              f"{report['background_failed']} failed")
+        print(f"    {stream_spec.name} itself: {report['swapped_requests']} requests during its retraining and swap, "
+              f"{report['swapped_failed']} failed, answered by "
+              + " then ".join(f"v{v}" for v in report["swapped_answered_by"]))
+        print(f"    freshness: {freshness_s:.0f} s from the first produced document to the new version answering: "
+              + ", ".join(f"{k[:-2].replace('_', ' + ')} {v:.0f} s" for k, v in report["freshness"].items()
+                          if k != "total_s"))
     report["total_s"] = time.monotonic() - began
     print(f"\ndone in {report['total_s']:.0f} s; Serve, the scheduler, ingest, Ray and the broker are stopped", flush=True)
     return report

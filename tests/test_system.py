@@ -51,8 +51,24 @@ def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_
     assert report["test_ppl_after"] < report["test_ppl_before"]
     assert report["others_unchanged"]
     assert report["background_requests"] > 20 and report["background_failed"] == 0, report["background_errors"]
+    # requests to the retrained specialist itself kept answering through its swap: old version, then new
+    assert report["swapped_requests"] > 20 and report["swapped_failed"] == 0, report["background_errors"]
+    assert report["swapped_answered_by"] == [str(report["version_before"]), str(report["version_after"])]
+    parts = report["freshness"]  # the phases add up to the freshness the demo measured
+    assert abs(sum(v for k, v in parts.items() if k != "total_s") - parts["total_s"]) < 1.0, parts
+    assert abs(parts["total_s"] - report["freshness_s"]) < 2.0 and parts["training_s"] > 0 and parts["swap_s"] > 0
     assert {a["specialist"] for a in report["asked"].values()} <= {"law", "japanese", "generalist"}
     assert report["asked"]["japanese"]["specialist"] == "japanese" and report["asked"]["law"]["specialist"] == "law"
     # everything the demo started is gone again; the test's own Ray keeps running
     assert ray.is_initialized()
     assert not [a for a in ray.util.list_named_actors() if a.startswith("senmon-")]
+
+
+def test_freshness_splits_into_phases_that_add_up():
+    from senmon.demo import freshness_breakdown
+
+    run = {"started_ts": 1010.0, "ended_ts": 1100.0, "swap_s": 40.0}
+    record = {"data": {"timings": {"tokenizer_s": 0.1, "data_s": 9.9, "train_s": 25.0, "eval_s": 5.0}}}
+    parts = freshness_breakdown(1000.0, 1101.5, run, record)
+    assert parts == {"ingest_s": 10.0, "training_s": 35.0, "evaluation_s": 5.0, "register_gate_s": 10.0,
+                     "swap_s": 40.0, "observed_s": 1.5, "total_s": 101.5}
