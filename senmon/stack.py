@@ -9,6 +9,7 @@ cluster and checks that the configured Kafka answers; it starts and stops nothin
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -46,11 +47,21 @@ class Stack:
         self.stop()
 
 
+QUIET_LOGGERS = ("ray.serve", "ray.data", "ray.train", "ray.llm", "vllm")
+
+
 def quiet_driver_logs() -> None:
-    """Keep this terminal to senmon's own lines: Serve prints each deployment's options and Ray Data
-    each dataset's plan at INFO in the driver (they stay in the session's logs directory)."""
-    for name in ("ray.serve", "ray.data", "ray.train", "ray.llm"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """Keep this terminal to senmon's own lines and warnings.
+
+    Serve LLM prints each deployment's options, Ray Data each dataset's plan and vLLM its platform
+    checks at INFO in the driver; every process's log stays in the Ray session's logs directory.
+    Serve LLM gives its module loggers their own handlers, so each one already created is quieted
+    too (call again after importing more of them).
+    """
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    for name in [*QUIET_LOGGERS, *logging.root.manager.loggerDict]:
+        if name.startswith(QUIET_LOGGERS):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def start_ray(config: SenmonConfig) -> bool:

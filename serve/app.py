@@ -133,6 +133,12 @@ def deploy(config: SenmonConfig, registry, *, timeout_s: float = 900.0) -> Serve
     """
     timings: dict[str, float] = {}
     started = time.monotonic()
+    if not config.ray.log_to_driver:  # Serve LLM's module loggers exist once it is imported; quiet them too
+        import ray.serve.llm  # noqa: F401
+
+        from senmon.stack import quiet_driver_logs
+
+        quiet_driver_logs()
     host = bind_host(config.http)
     serve.start(http_options={"host": host, "port": config.http.port})
     _ensure_routing_model(config)
