@@ -178,11 +178,15 @@ def shutdown(config: SenmonConfig | None = None) -> None:
     except Exception:  # Serve is not running
         return
     mine = [n for n in applications if n == prefix or n.startswith(prefix + "-")]
-    for name in mine:
-        serve.delete(name)
+    if not set(applications) - set(mine):
+        serve.shutdown()  # nothing else runs: every application goes at once, not one after another
+    else:
+        for name in mine:
+            serve.delete(name, _blocking=False)
+        deadline = time.monotonic() + 180
+        while set(mine) & set(serve.status().applications) and time.monotonic() < deadline:
+            time.sleep(0.5)
     try:
         ray.kill(get_table(prefix, namespace))
     except ValueError:
         pass
-    if not set(serve.status().applications) - set(mine):
-        serve.shutdown()
