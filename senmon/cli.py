@@ -160,12 +160,11 @@ def cmd_eval(args, config: SenmonConfig) -> int:
 
 
 def cmd_demo(args, config: SenmonConfig) -> int:
-    import json
     import shutil
     from pathlib import Path
 
     from senmon import demo
-    from senmon.storage import filesystem, is_local, write_atomic
+    from senmon.storage import filesystem, is_local
 
     fs, _ = filesystem(config.storage_root)
     if is_local(fs):  # the demo works in its own, fresh storage root beside the configured one
@@ -173,9 +172,6 @@ def cmd_demo(args, config: SenmonConfig) -> int:
         shutil.rmtree(root, ignore_errors=True)
         config = config.model_copy(update={"storage_root": str(root)})
     report = demo.run(config)
-    fs, base = filesystem(config.storage_root)
-    write_atomic(fs, f"{base}/demo/report.json", json.dumps(report, indent=2, ensure_ascii=False, default=str).encode())
-    print(f"report: {base}/demo/report.json")
     return 0 if report["background_failed"] == report["swapped_failed"] == 0 and report["answered_by_after"] else 1
 
 

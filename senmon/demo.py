@@ -23,6 +23,7 @@ from pathlib import Path
 import ray
 
 from senmon.config import SenmonConfig
+from senmon.storage import filesystem, write_atomic
 
 STREAM_FRACTION = 0.4  # of the stream domain's training documents, held back and sent through Kafka
 
@@ -248,5 +249,8 @@ def run(config: SenmonConfig, stream_domain: str | None = None, timeout_s: float
               + ", ".join(f"{k[:-2].replace('_', ' + ')} {v:.0f} s" for k, v in report["freshness"].items()
                           if k != "total_s"))
     report["total_s"] = time.monotonic() - began
-    print(f"\ndone in {report['total_s']:.0f} s; Serve, the scheduler, ingest, Ray and the broker are stopped", flush=True)
+    fs, base = filesystem(config.storage_root)
+    write_atomic(fs, f"{base}/demo/report.json", json.dumps(report, indent=2, ensure_ascii=False, default=str).encode())
+    print(f"\ndone in {report['total_s']:.0f} s; Serve, the scheduler, ingest, Ray and the broker are stopped; "
+          f"report: {base}/demo/report.json", flush=True)
     return report

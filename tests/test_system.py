@@ -7,6 +7,9 @@ failed requests to the other specialists meanwhile. Small sizes so it fits in CI
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import ray
 
@@ -59,6 +62,8 @@ def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_
     assert abs(parts["total_s"] - report["freshness_s"]) < 2.0 and parts["training_s"] > 0 and parts["swap_s"] > 0
     assert {a["specialist"] for a in report["asked"].values()} <= {"law", "japanese", "generalist"}
     assert report["asked"]["japanese"]["specialist"] == "japanese" and report["asked"]["law"]["specialist"] == "law"
+    saved = json.loads((Path(e2e_config.storage_root) / "demo" / "report.json").read_text(encoding="utf-8"))
+    assert saved["version_after"] == report["version_after"] and saved["freshness"] == report["freshness"]
     # everything the demo started is gone again; the test's own Ray keeps running
     assert ray.is_initialized()
     assert not [a for a in ray.util.list_named_actors() if a.startswith("senmon-")]
