@@ -63,7 +63,7 @@ def call_hook(path: str | None, *args):
 
 @ray.remote(num_cpus=0, max_retries=0)
 def retrain_job(config_data: dict, name: str, registry_name: str, namespace: str | None, init: str | None,
-                run_id: str) -> dict:
+                run_id: str | None) -> dict:
     """One job: train, register, gate. Uses no CPU itself; its Ray Train workers reserve theirs."""
     from senmon.train.job import train_and_register
 
