@@ -128,12 +128,12 @@ def cmd_eval(args, config: SenmonConfig) -> int:
     import json
 
     from senmon.actors.registry import serving_records_from_file
+    from senmon.system import model_names
     from senmon.train.evaluate import compare_on_file, read_eval_file
 
     by_domain = read_eval_file(args.file)
     # read-only: the registry's durable file says what serves; no Ray needed to evaluate on this machine
-    serving = serving_records_from_file(config.storage_root, [config.generalist.name] +
-                                        [s.name for s in config.specialists])
+    serving = serving_records_from_file(config.storage_root, model_names(config))
 
     def model(name: str) -> tuple[str, int, str] | None:
         return (name, serving[name]["version"], serving[name]["path"]) if name in serving else None
