@@ -156,6 +156,10 @@ class HttpConfig(_Strict):
     api_keys_env: str | None = Field("SENMON_API_KEYS", description="Comma-separated keys from this variable are added.")
     admin_keys: list[str] = Field(default_factory=list)
     admin_keys_env: str | None = "SENMON_ADMIN_KEYS"
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body the router reads; larger gets 413, decided from "
+                                        "Content-Length before reading, or while reading a chunked body.")
+    max_json_depth: int = Field(64, ge=4, le=1000, description="Deepest JSON nesting accepted; deeper gets 400.")
 
     def resolved_keys(self) -> tuple[list[str], list[str]]:
         """(api keys, admin keys), from the file and the environment."""

@@ -12,7 +12,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -41,6 +41,28 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every failure's body: `{"error": {message, type, param, code}}`."""
+
+    error: ErrorDetail
+
+
+def responses(*statuses: int) -> dict:
+    """OpenAPI `responses` for a route: the error body under each status it can answer."""
+    said = {400: "invalid request: the message and `param` name the field", 401: "missing or wrong API key",
+            403: "not allowed with this key", 404: "unknown model", 409: "refused by the registry or the swap",
+            413: "request body over `http.max_request_bytes`", 503: "no serving version or healthy replica; "
+            "`Retry-After` says when to try again"}
+    return {status: {"model": ErrorBody, "description": said.get(status, "error")} for status in statuses}
+
+
 def _rebuild(status, message, param, code, type, headers) -> ApiError:
     return ApiError(status, message, param=param, code=code, type=type, headers=headers)
 
@@ -49,17 +71,65 @@ def unavailable(message: str, retry_after: int, code: str = "model_unavailable")
     return ApiError(503, message, code=code, headers={"Retry-After": str(retry_after)})
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+_ROLE_TAGS = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
+def _branch(part) -> bool:
+    """A union member pydantic adds to an error's path (`str`, `list[str]`, `function-after[...]`)."""
+    return isinstance(part, str) and (any(c in part for c in "[]()") or part in _TYPE_NAMES)
+
+
+def _clean_loc(loc) -> tuple[list[str], int | None]:
+    """Field names only, and where the first union member sat (None: no union on the path)."""
+    out, branch_at = [], None
+    for part in loc:
+        if part == "body" and not out:  # FastAPI's prefix
+            continue
+        if _branch(part):
+            branch_at = len(out) if branch_at is None else branch_at
+            continue
+        # a discriminated union adds the tag: messages.0.user.content -> messages.0.content
+        if part in _ROLE_TAGS and len(out) >= 2 and out[-2] == "messages" and out[-1].isdigit():
+            continue
+        out.append(str(part))
+    return out, branch_at
+
+
+def _is_type_mismatch(item: dict) -> bool:
+    kind = item.get("type", "")
+    return kind.endswith("_type") or kind.endswith("_parsing")
+
+
 def from_validation(error: ValidationError | RequestValidationError, status: int = 400) -> ApiError:
-    """The first bad field, named by its path (`messages.0.role`), as the error's `param`."""
+    """The first bad field, named by its path (`messages.0.role`), as the error's `param`.
+
+    A value that fits no member of a union (`prompt`: a string or a list) gives one error per
+    member; those are merged into one message, preferring what the member of the right type
+    said ("at most 4 items") over "should be a valid string".
+    """
     items = error.errors()
     first = items[0] if items else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    # pydantic unions add the model name to the path (e.g. "function-after[...]"); keep field names only
-    loc = [p for p in loc if not any(c in p for c in "[]()")]
+    loc, branch_at = _clean_loc(first.get("loc", ()))
+    chosen = same = [(loc, first)]
+    if branch_at is not None:
+        stem = loc[:branch_at]
+        same = [(c[0], item) for item in items if (c := _clean_loc(item.get("loc", ())))[1] == branch_at
+                and c[0][:branch_at] == stem]
+        chosen = [pair for pair in same if not _is_type_mismatch(pair[1])] or same
+        loc = stem
+        for i in range(branch_at, min(len(path) for path, _ in chosen)):  # deeper where every message agrees
+            if len({path[i] for path, _ in chosen}) != 1:
+                break
+            loc = chosen[0][0][:i + 1]
+    if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        loc = loc + [str((first.get("ctx") or {}).get("discriminator", "")).strip("'\"") or "role"]
+    messages = list(dict.fromkeys(item.get("msg", "invalid value") for _, item in chosen))
+    counted = len(items) - (len(same) if branch_at is not None else 1)
     param = ".".join(loc) or None
     where = f"'{param}': " if param else ""
-    more = f" (and {len(items) - 1} more problem{'s' if len(items) > 2 else ''})" if len(items) > 1 else ""
-    return ApiError(status, f"{where}{first.get('msg', 'invalid value')}{more}", param=param, code="invalid_value")
+    more = f" (and {counted} more problem{'s' if counted > 1 else ''})" if counted > 0 else ""
+    return ApiError(status, f"{where}{' or '.join(messages[:3])}{more}", param=param, code="invalid_value")
 
 
 def install(app: FastAPI) -> None:

@@ -45,7 +45,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from senmon.config import SenmonConfig, load_config, parse_config
 from senmon.serve.auth import Keys
-from senmon.serve.errors import ApiError, from_validation, install, unavailable
+from senmon.serve.errors import ApiError, from_validation, install, responses, unavailable
+from senmon.serve.validation import (body_doc, check_max_tokens, parse_json, read_limited, request_schemas,
+                                     validate_body)
 from senmon.serve.specialist import ENGINE_PREFIX
 
 log = logging.getLogger("senmon.serve")
@@ -115,7 +117,32 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorDiedError, ActorUnavailableError, BackPressureError, RayServeException)
 
 
-app = FastAPI(title="senmon", description="One LLM made of many small specialists, OpenAI-compatible.")
+def _client_error(error: BaseException) -> ApiError | None:
+    """vLLM's request errors (`VLLMValidationError`, raised here or in an engine) as a 400 naming the field."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # pragma: no cover - vLLM is always there with ray.serve.llm
+        return None
+    cause = error if isinstance(error, VLLMClientError) else getattr(error, "cause", None)
+    if not isinstance(cause, VLLMClientError):
+        return None
+    param = getattr(cause, "parameter", None)
+    message = str(cause.args[0]) if cause.args else str(cause)
+    return ApiError(400, f"'{param}': {message}" if param else message, param=param, code="invalid_value")
+
+
+class _Api(FastAPI):
+    """The routes read their raw bodies (size and nesting are checked before parsing), so FastAPI does not
+    see the request models; `body_doc` names them in each route and this adds their schemas."""
+
+    def openapi(self) -> dict:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas())
+        return self.openapi_schema
+
+
+app = _Api(title="senmon", description="One LLM made of many small specialists, OpenAI-compatible.")
 install(app)
 
 
@@ -234,14 +261,19 @@ class Router:
     def _request(self, kind: str, body: Any):
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        validate_body(kind, body)  # OpenAI's fields and bounds, with clear messages (serve/validation.py)
         body = dict(body)
         try:
             request = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
         except ValidationError as error:
             raise from_validation(error) from None
+        except Exception as error:  # vLLM's own checks raise VLLMValidationError, not a ValidationError
+            client = _client_error(error)
+            if client is None:
+                raise
+            raise client from None
         decision = self.decide(body.get("model"), prompt_text(kind, body))
+        check_max_tokens(body, decision.specialist, self._max_model_len(decision.specialist))
         default = self.config.serve.default_max_tokens
         if default and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             # at most half the context, so a default never pushes a fitting prompt over the limit
@@ -277,8 +309,11 @@ class Router:
                 log.warning("%s unavailable: %s", app_name, error)
                 raise unavailable(f"'{model}' has no healthy replica right now", self.config.serve.retry_after_s) \
                     from None
-            except BaseException:
+            except BaseException as error:
                 release()
+                client = _client_error(error) if isinstance(error, Exception) else None
+                if client is not None:
+                    raise client from None
                 raise
             items = first if isinstance(first, list) else [first]
             if items and type(items[0]).__name__ == "ErrorResponse":
@@ -380,13 +415,12 @@ class Router:
 
     # ----------------------------------------------------------------- HTTP
 
-    @staticmethod
-    async def _json(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    async def _json(self, request: Request) -> Any:
+        """The body as JSON: 413 over `http.max_request_bytes` (before reading it when Content-Length says so),
+        400 for invalid JSON or nesting deeper than `http.max_json_depth` (checked before parsing)."""
+        http = self.config.http
+        raw = await read_limited(request.headers.get("content-length"), request.stream(), http.max_request_bytes)
+        return parse_json(raw, http.max_json_depth)
 
     async def _http_generate(self, kind: str, request: Request):
         self.keys.check_api(request.headers.get("authorization"))
@@ -397,11 +431,11 @@ class Router:
         result, decision = await self.generate(kind, body)
         return JSONResponse(result, headers=decision.headers())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body_doc("chat"), responses=responses(400, 401, 404, 413, 503))
     async def http_chat(self, request: Request):
         return await self._http_generate("chat", request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body_doc("completions"), responses=responses(400, 401, 404, 413, 503))
     async def http_completions(self, request: Request):
         return await self._http_generate("completions", request)
 
@@ -418,12 +452,11 @@ class Router:
                 return card
         raise ApiError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
 
-    @app.post("/v1/route")
+    @app.post("/v1/route", openapi_extra=body_doc("route"), responses=responses(400, 401, 413))
     async def http_route(self, request: Request):
         self.keys.check_api(request.headers.get("authorization"))
         body = await self._json(request)
-        if not isinstance(body, dict) or not (isinstance(body.get("prompt"), str) or isinstance(body.get("messages"), list)):
-            raise ApiError(400, "send 'prompt' (a string) or 'messages' (a list)", param="prompt", code="invalid_value")
+        validate_body("route", body)
         return self.explain(prompt_text("chat" if "messages" in body else "completions", body))
 
     @app.get("/health")

@@ -1,7 +1,8 @@
-"""The router's pure logic without Ray or engines: keys, error bodies, routing text, the drain rule."""
+"""The router's pure logic without Ray or engines: keys, error bodies, request checks, routing text, the drain rule."""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import time
 
@@ -10,7 +11,9 @@ from pydantic import BaseModel, ValidationError
 
 from senmon.serve.auth import Keys
 from senmon.serve.errors import ApiError, from_validation
-from senmon.serve.router import prompt_text
+from senmon.serve.router import app, prompt_text
+from senmon.serve.validation import (MAX_N, check_max_tokens, json_depth_exceeds, parse_json, read_limited,
+                                     validate_body)
 from senmon.serve.table import LIVE_S, ServingTable
 
 
@@ -68,3 +71,152 @@ def test_drain_waits_for_every_live_router_and_its_requests():
     assert table.begin_swap("law") and not table.begin_swap("law")
     table.end_swap("law")
     assert table.begin_swap("law")
+
+
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": "auto", "prompt": "hi"}
+
+
+@pytest.mark.parametrize("kind, body, param, words", [
+    ("completions", {"model": "auto", "prompt": None}, "prompt", "null"),
+    ("completions", {"model": "auto"}, "prompt", "required"),
+    ("completions", {"model": "auto", "prompt": []}, "prompt", "at least 1"),
+    ("completions", {"model": "auto", "prompt": [[]]}, "prompt.0", "at least 1"),
+    ("completions", {"model": "auto", "prompt": 7}, "prompt", "valid string"),
+    ("completions", {"prompt": "x"}, "model", "required"),
+    ("completions", dict(COMPLETION, n=0), "n", "greater than or equal to 1"),
+    ("completions", dict(COMPLETION, n=MAX_N + 1), "n", f"less than or equal to {MAX_N}"),
+    ("completions", dict(COMPLETION, max_tokens=0), "max_tokens", "greater than or equal to 1"),
+    ("completions", dict(COMPLETION, max_tokens="many"), "max_tokens", "valid integer"),
+    ("completions", dict(COMPLETION, stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
+    ("completions", dict(COMPLETION, stop=3), "stop", "valid string"),
+    ("completions", dict(COMPLETION, logprobs=6), "logprobs", "less than or equal to 5"),
+    ("completions", dict(COMPLETION, temperature=2.5), "temperature", "less than or equal to 2"),
+    ("completions", dict(COMPLETION, temperature=-1), "temperature", "greater than or equal to 0"),
+    ("completions", dict(COMPLETION, top_p=0), "top_p", "greater than 0"),
+    ("completions", dict(COMPLETION, top_p=1.5), "top_p", "less than or equal to 1"),
+    ("completions", dict(COMPLETION, presence_penalty=3), "presence_penalty", "less than or equal to 2"),
+    ("chat", {"model": "auto"}, "messages", "required"),
+    ("chat", {"model": "auto", "messages": None}, "messages", "null"),
+    ("chat", {"model": "auto", "messages": []}, "messages", "at least 1"),
+    ("chat", {"model": "auto", "messages": ["hi"]}, "messages.0", "dictionary"),
+    ("chat", {"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "wizard"),
+    ("chat", {"model": "auto", "messages": [{"content": "hi"}]}, "messages.0.role", "role"),
+    ("chat", {"model": "auto", "messages": [{"role": "user"}]}, "messages.0.content", "required"),
+    ("chat", {"model": "auto", "messages": [{"role": "system", "content": None}, {"role": "user", "content": "x"}]},
+     "messages.0.content", "valid string"),
+    ("chat", {"model": "auto", "messages": [{"role": "user", "content": 5}]}, "messages.0.content", "valid string"),
+    ("chat", {"model": "auto", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0",
+     "needs 'text'"),
+    ("chat", {"model": "auto", "messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]},
+     "messages.1.content", "tool_calls"),
+    ("chat", {"model": "auto", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id", "required"),
+    ("chat", dict(CHAT, top_logprobs=3), "top_logprobs", "logprobs: true"),
+    ("chat", dict(CHAT, logprobs=True, top_logprobs=21), "top_logprobs", "less than or equal to 20"),
+    ("chat", dict(CHAT, max_completion_tokens=0), "max_completion_tokens", "greater than or equal to 1"),
+    ("route", {}, "prompt", "'prompt' (a string) or 'messages'"),
+    ("route", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "wizard"),
+])
+def test_bad_request_bodies_are_400_naming_the_field(kind, body, param, words):
+    with pytest.raises(ApiError) as caught:
+        validate_body(kind, body)
+    error = caught.value
+    assert error.status == 400 and error.param == param, error.body()
+    assert words in error.message, error.body()
+    assert param.split(".")[0] in error.message  # the message names the field too
+
+
+def test_good_request_bodies_pass_with_vllm_extras():
+    validate_body("completions", dict(COMPLETION, prompt=["a", "b"], n=MAX_N, stop=["a"] * 4, logprobs=5,
+                                      temperature=0, top_p=1, ignore_eos=True, top_k=5))
+    validate_body("completions", dict(COMPLETION, prompt=[[1, 2], [3]], stop="\n", max_tokens=1))
+    validate_body("chat", {"model": "law", "logprobs": True, "top_logprobs": 20, "max_completion_tokens": 4,
+                           "messages": [{"role": "developer", "content": "be brief"},
+                                        {"role": "system", "content": [{"type": "text", "text": "really"}]},
+                                        {"role": "user", "content": [{"type": "text", "text": "GPL?"}]},
+                                        {"role": "assistant", "tool_calls": [{"id": "1", "type": "function"}]},
+                                        {"role": "tool", "tool_call_id": "1", "content": "ok"},
+                                        {"role": "function", "name": "f", "content": None},
+                                        {"role": "assistant", "content": "yes", "reasoning_content": "kept"}]})
+    validate_body("route", {"prompt": "text"})
+    with pytest.raises(ApiError) as caught:
+        validate_body("chat", [CHAT])
+    assert "JSON object" in caught.value.message
+
+
+def test_max_tokens_may_not_exceed_the_context():
+    check_max_tokens({"max_tokens": 128}, "law", 128)
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(ApiError) as caught:
+            check_max_tokens({field: 129}, "law", 128)
+        assert caught.value.status == 400 and caught.value.param == field and "128" in caught.value.message
+
+
+def test_body_size_limit_before_and_while_reading():
+    read = []
+
+    async def chunks(count: int, size: int = 1000):
+        for _ in range(count):
+            read.append(size)
+            yield b"x" * size
+
+    async def body(header, count):
+        return await read_limited(header, chunks(count), 4096)
+
+    with pytest.raises(ApiError) as caught:  # Content-Length over the limit: refused before a byte is read
+        asyncio.run(body("20000000", 20000))
+    assert caught.value.status == 413 and "4096" in caught.value.message and read == []
+    with pytest.raises(ApiError) as caught:  # chunked, no Content-Length: stops as soon as it passes the limit
+        asyncio.run(body(None, 20000))
+    assert caught.value.status == 413 and sum(read) == 5000
+    assert asyncio.run(body(None, 4)) == b"x" * 4000
+    assert asyncio.run(body("4000", 4)) == b"x" * 4000
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(body("lots", 1))
+    assert caught.value.status == 400 and "Content-Length" in caught.value.message
+
+
+def test_json_nesting_limit_without_recursion():
+    started = time.perf_counter()
+    with pytest.raises(ApiError) as caught:
+        parse_json(b"[" * 100_000 + b"]" * 100_000, 64)
+    assert caught.value.status == 400 and "64" in caught.value.message and caught.value.code == "json_too_deep"
+    assert time.perf_counter() - started < 1
+    assert parse_json(b"[" * 64 + b"]" * 64, 64) is not None
+    with pytest.raises(ApiError):
+        parse_json(b"[" * 65 + b"]" * 65, 64)
+    text = b'{"prompt": "[[[[{{{{\\\"[[[[", "stop": [["x"]]}'  # brackets inside strings do not count
+    assert not json_depth_exceeds(text, 3) and json_depth_exceeds(text, 2)
+    assert parse_json(b"", 64) is None
+    for raw in (b'{"model": "auto", "messages": [', b"\xff\xfe", b"[" * 70):
+        with pytest.raises(ApiError) as caught:
+            parse_json(raw, 64)
+        assert caught.value.status == 400
+
+
+def test_openapi_declares_the_request_bodies():
+    schema = app.openapi()
+    names = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest",
+             "/v1/route": "RouteRequest"}
+    for path, name in names.items():
+        operation = schema["paths"][path]["post"]
+        ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{name}"
+        assert {"400", "413"} <= set(operation["responses"])
+    components = schema["components"]["schemas"]
+    assert components["CompletionRequest"]["properties"]["n"]["anyOf"][0]["maximum"] == MAX_N
+    assert "prompt" in components["CompletionRequest"]["required"]
+    assert {"UserMessage", "ToolMessage", "ErrorBody"} <= set(components)
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            refs.update(v for k, v in node.items() if k == "$ref")
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    assert {ref.rsplit("/", 1)[-1] for ref in refs} <= set(components)

@@ -197,6 +197,56 @@ def test_malformed_json_and_bad_fields_are_400_naming_the_field(served):
                         "max_tokens", param="max_tokens")
     assert_openai_error(post(served, "/v1/completions", {"prompt": "x"}), 400, "model", param="model")
     assert_openai_error(post(served, "/v1/completions", [1, 2]), 400, "JSON object")
+    # every bad input is a 4xx naming the field, never a 500
+    assert_openai_error(post(served, "/v1/completions", {"model": "auto", "prompt": None}), 400, "prompt", param="prompt")
+    assert_openai_error(post(served, "/v1/completions", {"model": "law", "prompt": []}), 400, "prompt", param="prompt")
+    assert_openai_error(post(served, "/v1/chat/completions", {"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}),
+                        400, "wizard", param="messages.0.role")
+    assert_openai_error(post(served, "/v1/chat/completions", {"model": "auto", "messages": [{"role": "user"}]}), 400,
+                        "messages.0.content", param="messages.0.content")
+    assert_openai_error(post(served, "/v1/chat/completions", {"model": "law", "messages": [], "stream": True}), 400,
+                        "messages", param="messages")
+    assert_openai_error(post(served, "/v1/completions", {"model": "law", "prompt": "x", "max_tokens": MAX_LEN + 1}), 400,
+                        str(MAX_LEN), param="max_tokens")
+    assert_openai_error(post(served, "/v1/completions", {"model": "law", "prompt": "x", "n": 9}), 400, "n", param="n")
+    assert_openai_error(post(served, "/v1/completions", {"model": "law", "prompt": "x", "stop": list("abcde")}), 400,
+                        "at most 4", param="stop")
+    assert_openai_error(post(served, "/v1/chat/completions", {"model": "law", "top_logprobs": 2,
+                                                              "messages": [{"role": "user", "content": "x"}]}),
+                        400, "logprobs", param="top_logprobs")
+    assert_openai_error(post(served, "/v1/route", {"messages": [{"role": "wizard", "content": "x"}]}), 400,
+                        param="messages.0.role")
+    deep = b'{"model": "auto", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert_openai_error(post(served, "/v1/completions", raw=deep), 400, "deeper than 64")
+
+
+def test_oversize_body_is_413_at_once(served):
+    limit = served[0].http.max_request_bytes
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    big = json.dumps({"model": "auto", "prompt": "word " * 4_000_000}).encode()  # 20 MB
+    started = time.monotonic()
+    response = post(served, "/v1/completions", raw=big, timeout=60)
+    assert_openai_error(response, 413, str(limit))
+    assert time.monotonic() - started < 3, "a body over the limit must be refused from its Content-Length"
+
+    def chunked():  # no Content-Length: refused while reading, once past the limit
+        yield b'{"model": "auto", "prompt": "'
+        for _ in range(320):
+            yield b"word " * 13_000
+        yield b'"}'
+
+    started = time.monotonic()
+    response = httpx.post(served[2].url + "/v1/completions", content=chunked(), headers=headers, timeout=60)
+    assert_openai_error(response, 413, str(limit))
+    assert time.monotonic() - started < 3
+
+
+def test_openapi_documents_the_request_bodies(served):
+    schema = httpx.get(served[2].url + "/openapi.json", timeout=30).json()
+    for path, name in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest"),
+                       ("/v1/route", "RouteRequest")):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{name}"} and name in schema["components"]["schemas"]
 
 
 def test_prompt_longer_than_the_context_is_400_with_the_limit(served):
