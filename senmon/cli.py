@@ -87,7 +87,11 @@ def cmd_train(args, config: SenmonConfig) -> int:
     stack, registry = _with_registry(config)
     with stack:
         DatasetStore(config.storage_root).seed_from_corpus(config.corpus_dir, config.domains)
-        print(f"==> training {args.name} ({'from ' + args.init if args.init else 'from scratch'}) on Ray Train")
+        start = args.init or ("seed" if args.name != config.generalist.name and config.training.specialists_from == "seed"
+                              else "scratch")
+        where = {"seed": f"branched from the seed, {config.generalist.name}", "scratch": "from scratch",
+                 "current": "continuing the serving version"}.get(start, f"from {start}")
+        print(f"==> training {args.name} ({where}) on Ray Train")
         record = train_and_register(config, args.name, registry, init=args.init)
         sizing, metrics = record["sizing"], record["metrics"]
         shape = sizing.get("shape", {})
@@ -400,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one specialist (or the generalist), register it, apply the gate")
     train.add_argument("name")
     train.add_argument("--init", default=None,
-                       help="'scratch' (default), 'current' (continue the serving version) or a local HF model directory")
+                       help="'seed' (a specialist's default: branch from the generalist's serving version), 'scratch' "
+                            "(the generalist's default), 'current' (continue the serving version) or a local HF model "
+                            "directory")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="perplexity of each domain's specialist and of the generalist on a file")

@@ -257,12 +257,31 @@ class GeneralistConfig(_Strict):
     serving: ServingConfig = ServingConfig()
 
 
+class BranchConfig(_Strict):
+    """How a specialist is trained after branching from the seed (see train/branch.py)."""
+
+    learning_rate_scale: float = Field(0.5, gt=0, le=2, description="Branch peak learning rate / the seed's.")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Re-warm-up, as a share of the branch's steps.")
+
+
 class TrainingConfig(_Strict):
     vocab_size: int = Field(4096, ge=256)
     seq_len: int = Field(256, ge=16)
     batch_size: int = Field(16, ge=1)
-    epochs: int = Field(1, ge=1, le=16, description="Passes over the data; tokens seen = epochs x unique tokens.")
+    epochs: int = Field(1, ge=1, le=100, description=(
+        "The training budget in passes over the data: the generalist (the seed) and its branches share epochs x the "
+        "pooled unique tokens; a specialist trained from scratch sees epochs x its own."))
     learning_rate: float = Field(3e-3, gt=0)
+    specialists_from: Literal["seed", "scratch"] = Field(
+        "seed", description="'seed': each specialist branches from the generalist, trained first on every domain "
+                            "(Branch-Train); 'scratch': each is trained alone on its own domain, sized by D/20.")
+    seed_fraction: float = Field(
+        0.75, gt=0, lt=1, description="Share of the budget (epochs over the pooled data) the seed takes; the "
+                                      "specialists' branches share the rest.")
+    seed_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="The seed's learning rate after warmup: cosine decay, or constant (warmup-stable-decay: "
+                              "each branch then does the decay on its own domain).")
+    branch: BranchConfig = BranchConfig()
     seed: int = 0
     num_workers: int = Field(1, ge=1, description="Ray Train workers per job.")
     cpus_per_worker: int = Field(1, ge=1)

@@ -2,7 +2,9 @@
 
 1. start local Ray and the embedded Kafka-protocol broker; seed the dataset store from the
    shipped corpus, holding back part of one domain's training documents ("the stream");
-2. train the shared tokenizer, the generalist and every specialist (Ray Train), register them;
+2. train the shared tokenizer, the generalist (the seed) and every specialist branched from it
+   (Ray Train), register them, and show each specialist's perplexity on its own domain next to
+   the fallback's;
 3. serve them (router + one vLLM engine per model on Ray Serve) and ask a question of each domain,
    showing which specialist answered and how sure the router was;
 4. stream the held-back documents through Kafka; the ingest actors write them to the dataset,
@@ -110,6 +112,24 @@ class BackgroundLoad:
             thread.join(timeout=130)
 
 
+def specialists_vs_fallback(config: SenmonConfig, registry) -> list[dict]:
+    """Per specialist: its serving version's validation perplexity on its own domains next to the
+    fallback model's on the same domains (both from the registry records, measured at training)."""
+    from senmon.train.job import pooled_perplexity
+
+    fallback = ray.get(registry.current.remote(config.generalist.name))
+    rows = []
+    for spec in config.specialists:
+        record = ray.get(registry.current.remote(spec.name))
+        by_domain = {d: {"perplexity": p, "tokens": fallback["metrics"]["val_tokens_by_domain"][d]}
+                     for d, p in fallback["metrics"]["val_ppl_by_domain"].items()}
+        fallback_ppl = pooled_perplexity(by_domain, spec.domains)
+        rows.append({"specialist": spec.name, "version": record["version"], "start": record["data"].get("start"),
+                     "specialist_ppl": record["metrics"]["val_ppl"], "fallback_version": fallback["version"],
+                     "fallback_ppl": fallback_ppl, "ratio": record["metrics"]["val_ppl"] / fallback_ppl})
+    return rows
+
+
 def test_perplexity(config: SenmonConfig, record: dict, domain: str) -> float:
     from senmon.train.job import evaluate_checkpoint
 
@@ -185,6 +205,14 @@ def run(config: SenmonConfig, stream_domain: str | None = None, timeout_s: float
     with start_system(config, say=lambda m: print("    " + m, flush=True)) as system:
         report["startup_s"] = {k: round(v, 1) for k, v in system.timings.items()}
         api_key = (config.http.resolved_keys()[0] or [None])[0]
+
+        _step(f"each specialist on its own domain against the fallback ({config.generalist.name}): "
+              "validation perplexity, lower is better")
+        report["specialists_vs_fallback"] = specialists_vs_fallback(config, system.registry)
+        for row in report["specialists_vs_fallback"]:
+            print(f"    {row['specialist']:>10} v{row['version']} ({row['start']}): {row['specialist_ppl']:7.1f}   "
+                  f"{config.generalist.name} v{row['fallback_version']}: {row['fallback_ppl']:7.1f}   "
+                  f"ratio {row['ratio']:.2f}")
 
         _step("asking one question per domain (model: auto); the router picks the specialist")
         questions = sample_questions(config)

@@ -87,11 +87,13 @@ def train_missing(config: SenmonConfig, registry, say: Callable[[str], None] = p
     tokenizer_json(config)  # shared by every job; trained once here rather than raced by each
     namespace = ray.get_runtime_context().namespace
     config_data = config.model_dump(mode="json")
-    queue, running, started = list(missing), {}, {}
+    seed = config.generalist.name if config.training.specialists_from == "seed" else None
+    queue, running, started = sorted(missing, key=lambda n: n != seed), {}, {}  # the seed first
     say(f"training {len(missing)} models on Ray Train, {min(len(missing), config.training.startup_jobs)} at a time: "
-        + ", ".join(missing))
+        + ", ".join(queue) + (f" (every specialist branches from {seed}, so it trains first, alone)"
+                              if seed in missing else ""))
     while queue or running:
-        while queue and len(running) < config.training.startup_jobs:
+        while queue and len(running) < config.training.startup_jobs and seed not in running.values():
             name = queue.pop(0)
             started[name] = time.monotonic()
             running[retrain_job.remote(config_data, name, registry_name, namespace, None, None)] = name

@@ -48,6 +48,10 @@ def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_
     assert report["streamed"] == len(streamed) >= 60
     assert {d["id"] for d in streamed} <= DatasetStore(e2e_config.storage_root).ids("japanese")  # Kafka -> dataset
 
+    # every specialist branched from the seed and beats the fallback (the seed) on its own domain
+    rows = report["specialists_vs_fallback"]
+    assert {r["specialist"] for r in rows} == {"law", "japanese"}
+    assert all(r["start"] == "seed" and r["specialist_ppl"] < r["fallback_ppl"] for r in rows), rows
     assert report["run"]["trigger"] == "new data" and report["run"]["outcome"] == "serving", report["run"]
     assert report["version_after"] == report["version_before"] + 1
     assert report["answered_by_after"] == str(report["version_after"])  # the new version answers

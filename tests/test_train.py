@@ -32,47 +32,87 @@ def small_config_data(embedded_config_data: dict, storage: Path, **training) -> 
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory):
-    """The law specialist trained once from scratch, registered and gated, shared by the tests below."""
+    """The seed (the generalist) trained from scratch, then the law specialist branched from it, both
+    registered and gated, shared by the tests below."""
     from senmon.actors.registry import get_or_create_registry
     from senmon.train.job import train_and_register
 
     embedded = yaml.safe_load((REPO / "configs" / "embedded.yaml").read_text(encoding="utf-8"))
     storage = tmp_path_factory.mktemp("train-storage")
-    config = parse_config(small_config_data(embedded, storage), source="test", base_dir=REPO / "configs")
+    data = small_config_data(embedded, storage)
+    data["specialists"] = [s for s in data["specialists"] if s["name"] in ("law", "japanese")]  # a smaller seed
+    config = parse_config(data, source="test", base_dir=REPO / "configs")
     DatasetStore(config.storage_root).seed_from_corpus(config.corpus_dir, config.domains)
     registry = get_or_create_registry(config.storage_root, name=f"registry-{uuid.uuid4().hex[:8]}")
+    seed = train_and_register(config, "generalist", registry)
     first = train_and_register(config, "law", registry)
-    yield config, registry, first
+    yield config, registry, first, seed
     ray.kill(registry)
 
 
-def test_first_version_is_served_with_its_record(trained):
-    config, registry, first = trained
+def test_the_seed_takes_its_share_of_the_budget_and_is_sized_for_itself_and_a_branch(trained):
+    config, _, _, seed = trained
+    plan, sizing = seed["data"]["plan"], seed["sizing"]
+    assert seed["status"] == "serving" and seed["data"]["start"] == "scratch"
+    assert plan["total_steps"] == (seed["data"]["unique_tokens"] // config.training.seq_len // 8) * config.training.epochs
+    assert seed["data"]["steps"] == plan["seed_steps"] == round(plan["total_steps"] * config.training.seed_fraction)
+    assert plan["branch_steps"] == round((plan["total_steps"] - plan["seed_steps"]) / len(config.specialists))
+    assert sizing["training_tokens"] == seed["data"]["tokens_seen"] == plan["seed_steps"] * 8 * config.training.seq_len
+    assert sizing["target_params"] == int(plan["lifetime_tokens"] / 20)  # the rule, for the seed and one branch
+    assert sizing["train_flops"] == pytest.approx(6 * sizing["total_params"] * sizing["training_tokens"])
+
+
+def test_a_specialist_branches_from_the_seed_and_beats_it_on_its_own_domain(trained):
+    config, registry, first, seed = trained
     assert first["status"] == "serving" and first["version"] == 1
     checkpoint = Path(first["path"])
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (checkpoint / name).exists(), name
     assert str(checkpoint).startswith(config.storage_root)  # Ray Train storage under the storage root
-    sizing = first["sizing"]
-    assert sizing["training_tokens"] == first["data"]["tokens_seen"]
-    assert sizing["target_params"] == int(sizing["training_tokens"] / 20)
+    assert first["data"]["start"] == "seed" and first["data"]["init_checkpoint"] == seed["path"]
     assert first["data"]["shards"]["law"] == ["seed.parquet"]
+    sizing = first["sizing"]
+    assert sizing["shape"] == {**seed["sizing"]["shape"], "model_type": "llama"}  # the seed's shape
+    assert sizing["init"] == {"model": "generalist", "version": 1, "train_flops": seed["sizing"]["train_flops"]}
+    assert first["data"]["steps"] == seed["data"]["plan"]["branch_steps"]
+    assert first["data"]["schedule"]["peak_lr"] == config.training.learning_rate * config.training.branch.learning_rate_scale
+    assert sizing["train_flops"] == pytest.approx(6 * sizing["total_params"] * first["data"]["tokens_seen"])
+    assert first["metrics"]["val_ppl"] < seed["metrics"]["val_ppl_by_domain"]["law"]  # better than the fallback
     assert ray.get(registry.current.remote("law"))["version"] == 1
 
 
 def test_specialisation_is_visible_in_validation_perplexity(trained):
-    _, _, first = trained
+    _, _, first, seed = trained
     by_domain = first["metrics"]["val_ppl_by_domain"]
-    assert set(by_domain) == {"law", "code", "dictionary", "literature", "japanese"}
+    assert set(by_domain) == {"law", "japanese"}
     assert first["metrics"]["val_ppl"] == pytest.approx(by_domain["law"])
-    assert all(by_domain["law"] < by_domain[d] for d in by_domain if d != "law"), by_domain
+    # the branch gained on its own domain and lost on the others, relative to where it started
+    gains = {d: by_domain[d] / seed["metrics"]["val_ppl_by_domain"][d] for d in by_domain}
+    assert all(gains["law"] < gains[d] for d in by_domain if d != "law"), gains
     assert first["metrics"]["loss_curve"][-1] < first["metrics"]["loss_curve"][0]
+
+
+def test_a_specialist_cannot_branch_before_the_seed_serves(trained, tmp_path):
+    from senmon.actors.registry import get_or_create_registry
+    from senmon.train.job import resolve_init
+
+    config, _, _, _ = trained
+    empty = get_or_create_registry(str(tmp_path / "empty"), name=f"registry-{uuid.uuid4().hex[:8]}")
+    try:
+        with pytest.raises(ValueError, match="branches from the seed, generalist, which has no serving version"):
+            resolve_init(config, empty, "law", None)
+        assert resolve_init(config, empty, "law", "scratch").kind == "scratch"
+        assert resolve_init(config, empty, "generalist", None).kind == "scratch"
+        with pytest.raises(ValueError, match="is the seed"):
+            resolve_init(config, empty, "generalist", "seed")
+    finally:
+        ray.kill(empty)
 
 
 def test_continue_then_gate_rejects_then_force_and_rollback(trained):
     from senmon.train.job import train_and_register
 
-    config, registry, first = trained
+    config, registry, first, _ = trained
     strict = parse_config(small_config_data(config.model_dump(), Path(config.storage_root), promotion_margin=0.9),
                           source="test")
     second = train_and_register(strict, "law", registry, init="current")
@@ -98,7 +138,7 @@ def test_start_from_a_local_hugging_face_directory(trained, tmp_path):
     from senmon.train.sizing import Shape, llama_config
     from senmon.train.tokenizer import wrap
 
-    config, registry, _ = trained
+    config, registry, _, _ = trained
     tokenizer = wrap(Tokenizer.from_str(tokenizer_json(config)))
     shape = Shape(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=176)
     LlamaForCausalLM(llama_config(shape, len(tokenizer), 64, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -122,7 +162,7 @@ def test_cli_train_history_and_eval_on_unseen_file(tmp_path, embedded_config_dat
         return subprocess.run([sys.executable, "-m", "senmon.cli", "--config", str(config_path), *args],
                               capture_output=True, text=True, timeout=600, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
 
-    trained = senmon("train", "literature")
+    trained = senmon("train", "literature", "--init", "scratch")  # alone: no seed in this storage root
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-4000:]
     assert "literature v1: serving" in trained.stdout
 

@@ -1,8 +1,9 @@
 """One retraining job: turn a specialist's data into a registered, evaluated, gated model version.
 
 `train_model` is what `senmon train NAME` and the scheduler call. It makes sure the shared
-tokenizer exists, packs the specialist's training split with Ray Data, sizes the model by the
-Chinchilla rule (or continues from a version or any local Hugging Face causal LM), trains it
+tokenizer exists, packs the model's training split with Ray Data, decides where it starts (a
+specialist branches from the seed by default, see train/branch.py; or from scratch, sized by the
+Chinchilla rule; or from a version or any local Hugging Face causal LM), trains it
 with a Ray Train `TorchTrainer` whose checkpoints live under the storage root, measures
 validation perplexity on every domain, registers the version with everything it was made from,
 and passes it through the registry's promotion gate.
@@ -15,7 +16,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
@@ -27,7 +28,9 @@ from senmon.config import SenmonConfig, SizeConfig
 from senmon.ingest.store import DatasetStore
 from senmon.storage import filesystem, read_bytes, write_atomic
 
+from .branch import SEED_FLOOR, branch_schedule, plan_budget
 from .data import token_blocks
+from .loop import Schedule
 from .sizing import Shape, choose_size
 from .tokenizer import train_tokenizer
 
@@ -124,9 +127,49 @@ def _init_shape(init_checkpoint: str) -> dict:
                                               "intermediate_size", "model_type")}
 
 
-def train_model(config: SenmonConfig, name: str, init_checkpoint: str | None = None,
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: 'scratch' (a fresh model sized by the rule), 'seed' (branch from the
+    generalist's serving version), 'current' (continue the serving version) or 'directory'."""
+
+    kind: str
+    checkpoint: str | None = None
+    record: dict | None = None  # the registry record of the seed or of the version continued
+
+    @property
+    def plan(self) -> dict | None:
+        """The budget split recorded with the seed (or inherited by the version continued)."""
+        return (self.record or {}).get("data", {}).get("plan")
+
+
+def _continued_sizing(start: Start, tokens: int, vocab_size: int, rule: str) -> dict:
+    """The record of a run that keeps its initial checkpoint's shape: the shape, its parameters and FLOPs."""
+    shape = _init_shape(start.checkpoint)
+    record = {"rule": rule, "shape": shape, "training_tokens": tokens}
+    if shape.get("model_type") == "llama":
+        layers = Shape(shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"],
+                       shape["intermediate_size"])
+        total = layers.non_embedding_params() + layers.embedding_params(vocab_size)
+        record.update(non_embedding_params=layers.non_embedding_params(),
+                      embedding_params=layers.embedding_params(vocab_size), total_params=total,
+                      train_flops=6.0 * total * tokens)
+    if start.record is not None:
+        record["init"] = {"model": start.record["specialist"], "version": start.record["version"],
+                          "train_flops": start.record.get("sizing", {}).get("train_flops")}
+    return record
+
+
+def train_model(config: SenmonConfig, name: str, start: Start | None = None,
                 size_override: SizeConfig | None = None, run_id: str | None = None) -> TrainResult:
-    """Train `name` (a specialist or the generalist); needs Ray initialised and data in the store."""
+    """Train `name` (a specialist or the generalist); needs Ray initialised and data in the store.
+
+    How many steps, at what learning rate, and in what shape (see train/branch.py):
+    - the generalist, when specialists branch from it, is the seed: `seed_fraction` of the budget;
+    - a specialist branching from the seed (or continuing a branched version): one branch's steps
+      from the seed's plan, at the branch's re-warmed, lower learning rate;
+    - anything else (a specialist from scratch, the generalist alone): `epochs` over its own data.
+    """
+    start = start or Start("scratch")
     target = model_target(config, name)
     size = size_override or target.size
     training = config.training
@@ -135,7 +178,7 @@ def train_model(config: SenmonConfig, name: str, init_checkpoint: str | None = N
     store = DatasetStore(config.storage_root)
 
     t0 = time.monotonic()
-    tok_json = _checkpoint_tokenizer(init_checkpoint) if init_checkpoint else None
+    tok_json = _checkpoint_tokenizer(start.checkpoint) if start.checkpoint else None
     tokenizer_source = "from the initial checkpoint" if tok_json else "shared"
     tok_json = tok_json or tokenizer_json(config)
     timings["tokenizer_s"] = time.monotonic() - t0
@@ -148,23 +191,45 @@ def train_model(config: SenmonConfig, name: str, init_checkpoint: str | None = N
     global_batch = training.batch_size * training.num_workers
     if n_blocks < global_batch:
         raise ValueError(f"{name}: only {n_blocks} blocks of {training.seq_len} tokens; too little data to train")
-    steps_per_epoch = n_blocks // global_batch  # the loop drops the last partial batch of each epoch
-    tokens_seen = steps_per_epoch * global_batch * training.seq_len * training.epochs  # what D means below
-
+    steps_per_epoch = n_blocks // global_batch  # an epoch drops the last partial batch
+    tokens_per_step = global_batch * training.seq_len
     vocab_size = Tokenizer.from_str(tok_json).get_vocab_size(with_added_tokens=True)
-    if init_checkpoint:
-        shape = _init_shape(init_checkpoint)
-        sizing = {"rule": f"continued from {init_checkpoint}", "shape": shape, "training_tokens": tokens_seen}
+    is_seed = name == config.generalist.name and training.specialists_from == "seed"
+    plan = None
+
+    if is_seed and start.kind in ("scratch", "current"):
+        plan = plan_budget(n_blocks, training.epochs, global_batch, training.seq_len, training.seed_fraction,
+                           len(config.specialists)).as_record()
+        schedule = Schedule(plan["seed_steps"], training.learning_rate, floor=SEED_FLOOR[training.seed_schedule])
+    elif start.kind in ("seed", "current") and start.plan is not None:
+        plan = start.plan
+        schedule = branch_schedule(plan["branch_steps"], training.learning_rate, training.branch.learning_rate_scale,
+                                   training.branch.warmup_fraction)
     else:
-        chosen = choose_size(tokens_seen, vocab_size, size.tokens_per_parameter, size.min_params, size.max_params,
-                             size.override)
+        schedule = Schedule(steps_per_epoch * training.epochs, training.learning_rate)
+    tokens_seen = schedule.steps * tokens_per_step  # what D means below
+
+    if start.kind == "scratch":
+        chosen = choose_size(plan["lifetime_tokens"] if is_seed else tokens_seen, vocab_size,
+                             size.tokens_per_parameter, size.min_params, size.max_params, size.override)
         shape, sizing = chosen.shape, chosen.as_record()
+        if is_seed:
+            sizing["training_tokens"] = tokens_seen
+            sizing["train_flops"] = 6.0 * sizing["total_params"] * tokens_seen
+            sizing["rule"] += (f", for the seed and one branch together ({plan['lifetime_tokens']:,} tokens: "
+                               f"seed {plan['seed_steps']} + branch {plan['branch_steps']} steps)")
+    else:
+        shape = None
+        rule = {"seed": f"branched from the seed ({config.generalist.name} v{(start.record or {}).get('version')}); "
+                        "its shape was chosen for the seed and its branches together",
+                "current": f"continued from v{(start.record or {}).get('version')}",
+                "directory": f"continued from {start.checkpoint}"}[start.kind]
+        sizing = _continued_sizing(start, tokens_seen, vocab_size, rule)
 
     loop_config = {
         "name": name, "seed": training.seed, "seq_len": training.seq_len, "batch_size": training.batch_size,
-        "epochs": training.epochs, "learning_rate": training.learning_rate,
-        "total_steps": steps_per_epoch * training.epochs, "tokenizer_json": tok_json,
-        "shape": shape.__dict__ if isinstance(shape, Shape) else None, "init_checkpoint": init_checkpoint,
+        "schedule": asdict(schedule), "tokenizer_json": tok_json,
+        "shape": shape.__dict__ if isinstance(shape, Shape) else None, "init_checkpoint": start.checkpoint,
     }
     fs, base = filesystem(config.storage_root)
     trainer = TorchTrainer(
@@ -204,10 +269,14 @@ def train_model(config: SenmonConfig, name: str, init_checkpoint: str | None = N
         "shards": {d: [p.rsplit("/", 1)[-1] for p in store.shard_paths(d, "train")] for d in target.domains},
         "unique_tokens": unique_tokens,
         "tokens_seen": final.get("tokens_seen", tokens_seen),
-        "epochs": training.epochs,
+        "steps": schedule.steps,
+        "epochs": round(schedule.steps / steps_per_epoch, 3),  # passes over this model's own data
+        "schedule": asdict(schedule),
         "seq_len": training.seq_len,
         "tokenizer": tokenizer_source,
-        "init_checkpoint": init_checkpoint,
+        "start": start.kind,
+        "init_checkpoint": start.checkpoint,
+        "plan": plan,
     }
     return TrainResult(name, run_id, checkpoint_path, sizing, data, metrics, timings)
 
@@ -228,19 +297,32 @@ def _checkpoint_uri(storage_root: str, path: str) -> str:
 # --------------------------------------------------------------------------- registry
 
 
-def resolve_init(registry, name: str, init: str | None) -> str | None:
-    """`None`/'scratch' -> a fresh model; 'current' -> the serving version; else a local HF directory."""
-    if init in (None, "scratch"):
-        return None
+def resolve_init(config: SenmonConfig, registry, name: str, init: str | None) -> Start:
+    """Where `name` starts (see `Start`); `init=None` is the configured default: a specialist branches
+    from the seed when `training.specialists_from` is 'seed', anything else starts from scratch."""
+    seed_name = config.generalist.name
+    if init is None:
+        init = "seed" if name != seed_name and config.training.specialists_from == "seed" else "scratch"
+    if init == "scratch":
+        return Start("scratch")
+    if init == "seed":
+        if name == seed_name:
+            raise ValueError(f"{name} is the seed the specialists branch from; train it from scratch or continue it "
+                             "(--init current)")
+        seed = ray.get(registry.current.remote(seed_name))
+        if seed is None:
+            raise ValueError(f"{name} branches from the seed, {seed_name}, which has no serving version yet; train it "
+                             f"first (senmon train {seed_name}) or train {name} alone (--init scratch)")
+        return Start("seed", seed["path"], seed)
     if init == "current":
         current = ray.get(registry.current.remote(name))
         if current is None:
-            raise ValueError(f"{name} has no serving version to continue from; train it from scratch first")
-        return current["path"]
+            raise ValueError(f"{name} has no serving version to continue from; train it first")
+        return Start("current", current["path"], current)
     path = Path(init).expanduser().resolve()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{init} is not a Hugging Face model directory (no config.json)")
-    return str(path)
+    return Start("directory", str(path))
 
 
 def train_and_register(config: SenmonConfig, name: str, registry, init: str | None = None,
@@ -250,7 +332,7 @@ def train_and_register(config: SenmonConfig, name: str, registry, init: str | No
     Returns the version's registry record: status 'serving' when the gate let it through, else
     'rejected' with the reason (the serving version is then unchanged).
     """
-    result = train_model(config, name, init_checkpoint=resolve_init(registry, name, init), run_id=run_id)
+    result = train_model(config, name, resolve_init(config, registry, name, init), run_id=run_id)
     record = ray.get(registry.register.remote(name, result.run_id, result.checkpoint_path, result.metrics,
                                               result.sizing, {**result.data, "timings": result.timings}))
     return ray.get(registry.promote.remote(name, record["version"], config.training.promotion_margin))
