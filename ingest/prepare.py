@@ -29,11 +29,12 @@ SLICE_BYTES_PER_DOMAIN = 600_000
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fetch_packages(cache: Path) -> tuple[Path, dict[str, str]]:
-    """Download and unpack every source package into `cache/root`; returns the root and package versions."""
+def fetch_packages(cache: Path, names: list[str] | None = None) -> tuple[Path, dict[str, str]]:
+    """Download and unpack the packages (default: every corpus source's) into `cache/root`; returns the root
+    and package versions."""
     cache.mkdir(parents=True, exist_ok=True)
     root = cache / "root"
-    names = sorted({p for module in SOURCES.values() for p in module.DEBIAN_PACKAGES})
+    names = sorted(set(names) if names is not None else {p for module in SOURCES.values() for p in module.DEBIAN_PACKAGES})
     result = subprocess.run(["apt-get", "download", *names], cwd=cache, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"apt-get download failed (run 'apt-get update' first?):\n{result.stderr.strip()}")

@@ -1,12 +1,15 @@
 """The routing model: which specialist should answer a text, and how sure that is.
 
-Features are hashed character n-grams (1 to 3) of the NFKC-normalised, lower-cased text, so
-the model has no notion of words or spaces: Japanese, code and English are treated alike. A
-multinomial logistic regression (scikit-learn) on top gives calibrated probabilities; the
-router falls back to the generalist when the best one is below a threshold. It is trained on
-every specialist's training split, cut into snippets of prompt length as well as whole
-documents, so a short question routes as well as a long document. Predicting one prompt takes
-well under a millisecond.
+Features (WORDS_CHARS, the default) are hashed word 1-2-grams and character 2-4-grams within words of the text
+with its layout taken out (`normalise_layout`: NFKC, lower case, digits as 0, rules such as ===== folded, all
+whitespace one space), so the model learns what a domain's texts say rather than how the one source it was
+trained on lays them out; char n-grams within "words" also cover Japanese, which has no spaces. A log-loss
+linear model on top (SGD) gives probabilities; the router falls back to the generalist when the best one is below
+a threshold. It is trained on every specialist's training split, cut into snippets of prompt length (one of them
+with its markup characters stripped) as well as whole documents, so a short question routes as well as a long
+document. bench/routing.py measures it against the first model (CHAR13: char 1-3-grams of the lower-cased text,
+logistic regression; still loadable) on sources the corpus does not use; docs/serving.md has the numbers.
+Predicting one prompt takes about a millisecond or two.
 """
 
 from __future__ import annotations
@@ -14,26 +17,65 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import time
 import unicodedata
 from dataclasses import dataclass
 
 import joblib
 import numpy as np
+from scipy.special import expit, softmax
 from sklearn.feature_extraction.text import HashingVectorizer
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 
 SNIPPET_CHARS = (40, 300)  # prompt-like lengths cut from each training document
 SNIPPETS_PER_DOC = 3
+CHAR13 = "char13"  # hashed char 1-3-grams of the lower-cased text (the first routing model)
+WORDS_CHARS = "words+chars"  # word 1-2-grams + char 2-4-grams within words, of text with its layout taken out
+FEATURES = (CHAR13, WORDS_CHARS)
+DEFAULT_FEATURES = WORDS_CHARS  # chosen on held-out sources: bench/routing.py, docs/serving.md
 
 
 def normalise(text: str) -> str:
     return unicodedata.normalize("NFKC", text).lower()
 
 
-def vectorizer() -> HashingVectorizer:
-    return HashingVectorizer(analyzer="char", ngram_range=(1, 3), n_features=2**18, preprocessor=normalise,
-                             alternate_sign=False, norm="l2")
+_RUN = re.compile(r"([^\w\s])\1+")  # ===, ----, ***: reST and Markdown rules and underlines
+_DIGITS = re.compile(r"\d")
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_layout(text: str) -> str:
+    """What a text says, not how its source laid it out: NFKC, lower case, every digit 0, runs of one punctuation
+    mark folded to one, and all whitespace (indentation, line breaks, wrapping) folded to one space."""
+    text = _DIGITS.sub("0", unicodedata.normalize("NFKC", text).lower())
+    return _SPACE.sub(" ", _RUN.sub(r"\1", text)).strip()
+
+
+_WORD = re.compile(r"\w+")
+
+
+def words_and_chars(text: str) -> list[str]:
+    """The WORDS_CHARS features of a text: word 1-2-grams and char 2-4-grams within words (padded with a space,
+    as scikit-learn's char_wb), of `normalise_layout(text)`. One analyzer, so one hashing pass per prompt."""
+    text = normalise_layout(text)
+    words = _WORD.findall(text)
+    grams = ["w " + w for w in words]
+    grams += ["w " + a + " " + b for a, b in zip(words, words[1:])]
+    for token in text.split(" "):
+        padded = f" {token} "
+        for n in (2, 3, 4):
+            grams += [padded[i:i + n] for i in range(len(padded) - n + 1)]
+    return grams
+
+
+def vectorizer(features: str = CHAR13):
+    if features == CHAR13:
+        return HashingVectorizer(analyzer="char", ngram_range=(1, 3), n_features=2**18, preprocessor=normalise,
+                                 alternate_sign=False, norm="l2")
+    if features == WORDS_CHARS:
+        return HashingVectorizer(analyzer=words_and_chars, n_features=2**20, alternate_sign=False, norm="l2")
+    raise ValueError(f"unknown routing features {features!r}; choose from {', '.join(FEATURES)}")
 
 
 def snippets(text: str, rng: random.Random, count: int = SNIPPETS_PER_DOC) -> list[str]:
@@ -54,35 +96,65 @@ class Route:
     scores: dict[str, float]
 
 
-class RoutingModel:
-    """Hashed char n-grams + logistic regression over the specialists' names."""
+_MARKUP = re.compile(r"[*_`#|<>{}\[\]=~^]+")
 
-    def __init__(self, classifier: LogisticRegression, meta: dict):
+
+def augmented(text: str, rng: random.Random, features: str) -> list[str]:
+    """The training pieces of one document: itself and prompt-length snippets; for WORDS_CHARS also one snippet
+    with its markup characters stripped, so no source's markup is needed to recognise its domain."""
+    pieces = snippets(text, rng)
+    if features != CHAR13:
+        pieces.append(_MARKUP.sub(" ", rng.choice(pieces)))
+    return pieces
+
+
+class RoutingModel:
+    """Hashed n-gram features + a log-loss linear model over the specialists' names."""
+
+    def __init__(self, classifier: LogisticRegression | SGDClassifier, meta: dict):
         self.classifier = classifier
         self.meta = meta
-        self.vectorizer = vectorizer()
+        self.features = meta.get("features", CHAR13)  # models saved before features had names are CHAR13
+        self.vectorizer = vectorizer(self.features)
         self.labels: list[str] = [str(label) for label in classifier.classes_]
+        # weights stored column-major, so coef_.T is C-contiguous: scipy would otherwise copy coef_.T (tens of MB
+        # with 2**20 features) on every product, most of a prompt's routing time
+        classifier.coef_ = np.asfortranarray(classifier.coef_)
+        self._weights = classifier.coef_.T
+        self._bias = np.asarray(classifier.intercept_)
 
     @classmethod
-    def train(cls, texts_by_specialist: dict[str, list[str]], seed: int = 0) -> "RoutingModel":
+    def train(cls, texts_by_specialist: dict[str, list[str]], seed: int = 0,
+              features: str = DEFAULT_FEATURES) -> "RoutingModel":
         rng = random.Random(seed)
         texts, labels = [], []
         for name, docs in sorted(texts_by_specialist.items()):
             for doc in docs:
-                for piece in snippets(doc, rng):
+                for piece in augmented(doc, rng, features):
                     texts.append(piece)
                     labels.append(name)
         started = time.monotonic()
-        features = vectorizer().transform(texts)
-        classifier = LogisticRegression(C=10.0, max_iter=300)
-        classifier.fit(features, labels)
-        meta = {"trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "examples": len(texts),
-                "documents": {k: len(v) for k, v in texts_by_specialist.items()},
+        matrix = vectorizer(features).transform(texts)
+        if features == CHAR13:
+            classifier = LogisticRegression(C=10.0, max_iter=300)
+        else:  # the same log loss by SGD: seconds instead of minutes on the larger feature space
+            classifier = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=20, tol=None, random_state=seed)
+        classifier.fit(matrix, labels)
+        meta = {"trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "features": features,
+                "examples": len(texts), "documents": {k: len(v) for k, v in texts_by_specialist.items()},
                 "train_s": time.monotonic() - started}
         return cls(classifier, meta)
 
     def scores(self, texts: list[str]) -> np.ndarray:
-        return self.classifier.predict_proba(self.vectorizer.transform(texts))
+        """Class probabilities per text, as the classifier's predict_proba computes them."""
+        decision = np.asarray(self.vectorizer.transform(texts) @ self._weights) + self._bias
+        if decision.shape[1] == 1:  # two classes: one logit
+            positive = expit(decision[:, 0])
+            return np.column_stack([1 - positive, positive])
+        if isinstance(self.classifier, LogisticRegression):  # multinomial
+            return softmax(decision, axis=1)
+        probabilities = expit(decision)  # SGD's one-vs-rest log loss, normalised as sklearn does
+        return probabilities / probabilities.sum(axis=1, keepdims=True)
 
     def route(self, texts: list[str]) -> list[Route]:
         result = []
@@ -113,7 +185,7 @@ class RoutingModel:
 
     def dumps(self) -> bytes:
         buffer = io.BytesIO()
-        joblib.dump({"classifier": self.classifier, "meta": self.meta}, buffer)
+        joblib.dump({"classifier": self.classifier, "meta": self.meta}, buffer, compress=3)  # hashed: mostly zeros
         return buffer.getvalue()
 
     @classmethod
