@@ -208,6 +208,9 @@ class Bench:
         seeds_a = {}
         for s in range(seeds if "a" in arms else 0):
             seeds_a[s] = self.seed_model(label, train_blocks, test, seed_steps, seed_floor, s, shape)
+        if "b" in arms and lr_scale != 1:  # is (b) held back by its learning rate? branches peak at lr x lr_scale
+            jobs["b2"] = self.run(key=f"{label}/b2", steps=total_steps, blocks=pooled, seed=0, test=test,
+                                  **{**common, "peak_lr": a.lr * lr_scale})
         if "c" in arms:
             jobs["c"] = self.run(key=f"{label}/c", steps=big_steps, blocks=pooled, test=test,
                                  **{**common, "shape": big_shape})
@@ -217,6 +220,10 @@ class Bench:
         for s, seed_job in seeds_a.items():
             state = seed_job.result()["state"]
             jobs[f"seed/{s}"] = seed_job
+            if "b" in arms:  # (b'): the same seed decayed on the pooled data, the strongest same-size generalist
+                jobs[f"bw/{s}"] = self.run(
+                    key=f"{label}/bw/{s}", shape=shape, steps=total_steps - seed_steps, peak_lr=a.lr * lr_scale,
+                    warmup_fraction=warmup, blocks=pooled, init_state=state, seed=s, test=test)
             for d in DOMAINS:
                 jobs[f"a/{s}/{d}"] = self.run(
                     key=f"{label}/a/{s}/{d}", shape=shape, steps=branch_steps, peak_lr=a.lr * lr_scale,
@@ -252,6 +259,10 @@ def summarise(label: str, budget: float, r: dict, seeds_a: int, seeds_b: int, me
             row["seed"] = spread([ppl([r[f"seed/{s}"]["test"][d]]) for s in range(seeds_a)])
         if seeds_b:
             row["b"] = spread([ppl([r[f"b/{s}"]["test"][d]]) for s in range(seeds_b)])
+        if f"bw/0" in r:
+            row["b_seed_decayed"] = spread([ppl([r[f"bw/{s}"]["test"][d]]) for s in range(seeds_a)])
+        if "b2" in r:
+            row["b_branch_lr"] = ppl([r["b2"]["test"][d]])
         if "c" in r:
             row["c"] = ppl([r["c"]["test"][d]])
         if f"d/{d}" in r:
@@ -266,6 +277,11 @@ def summarise(label: str, budget: float, r: dict, seeds_a: int, seeds_b: int, me
                      "wall_s": r["seed/0"]["wall_s"] + sum(r[f"a/0/{d}"]["wall_s"] for d in DOMAINS),
                      "params_per_token": p["base_total"]}
     if seeds_b:
+        if "bw/0" in r:
+            tokens = r["seed/0"]["tokens"] + r["bw/0"]["tokens"]
+            cost["b'"] = {"tokens": tokens, "steps": r["seed/0"]["steps"] + r["bw/0"]["steps"],
+                          "flops": 6.0 * p["base_total"] * tokens, "wall_s": r["seed/0"]["wall_s"] + r["bw/0"]["wall_s"],
+                          "params_per_token": p["base_total"]}
         cost["b"] = {"tokens": r["b/0"]["tokens"], "steps": r["b/0"]["steps"],
                      "flops": 6.0 * p["base_total"] * r["b/0"]["tokens"], "wall_s": r["b/0"]["wall_s"],
                      "params_per_token": p["base_total"]}
@@ -291,20 +307,23 @@ def print_setting(s: dict) -> list[list]:
     for d in DOMAINS:
         row = pd[d]
         a, b = row.get("a", {}).get("mean"), row.get("b", {}).get("mean")
-        rows.append([d, _f(a), _f(row.get("a_routed", {}).get("mean")), _f(b), _f(row.get("c")), _f(row.get("d")),
+        bw = row.get("b_seed_decayed", {}).get("mean")
+        rows.append([d, _f(a), _f(row.get("a_routed", {}).get("mean")), _f(b), _f(bw), _f(row.get("b_branch_lr")),
+                     _f(row.get("c")), _f(row.get("d")),
                      _f(row.get("seed", {}).get("mean")),
-                     _r(a, b), _r(row.get("a", {}).get("max"), row.get("b", {}).get("min")), _r(a, row.get("c")),
-                     _r(row.get("a_routed", {}).get("mean"), b)])
+                     _r(a, b), _r(row.get("a", {}).get("max"), row.get("b", {}).get("min")), _r(a, bw),
+                     _r(a, row.get("c")), _r(row.get("a_routed", {}).get("mean"), b)])
     def g(key):
         vals = [pd[d][key]["mean"] if isinstance(pd[d].get(key), dict) else pd[d].get(key) for d in DOMAINS]
         return geo(vals) if all(v is not None for v in vals) else None
     ga, gb = g("a"), g("b")
-    rows.append(["geometric mean", _f(ga), _f(g("a_routed")), _f(gb), _f(g("c")), _f(g("d")), _f(g("seed")),
-                 _r(ga, gb), "", _r(ga, g("c")), _r(g("a_routed"), gb)])
+    rows.append(["geometric mean", _f(ga), _f(g("a_routed")), _f(gb), _f(g("b_seed_decayed")), _f(g("b_branch_lr")),
+                 _f(g("c")), _f(g("d")), _f(g("seed")),
+                 _r(ga, gb), "", _r(ga, g("b_seed_decayed")), _r(ga, g("c")), _r(g("a_routed"), gb)])
     print(f"\n{s['label']}, budget {s['budget_tokens_per_param']:g} tokens per parameter of (b): test perplexity "
           f"(mean over seeds; ratios below 1 favour the specialists)")
-    print(table(["domain", "(a) branched", "(a') routed", "(b) same size", "(c) all params", "(d) scratch", "seed",
-                 "a/b", "worst a/best b", "a/c", "a'/b"], rows))
+    print(table(["domain", "(a) branched", "(a') routed", "(b) same size", "(b') seed decayed", "(b) at branch lr",
+                 "(c) all params", "(d) scratch", "seed", "a/b", "worst a/best b", "a/b'", "a/c", "a'/b"], rows))
     cost_rows = [[arm, f"{c['flops']:.2e}", f"{c['tokens']:,}", c["steps"], f"{c['wall_s']:.0f}", f"{c['params_per_token']:,}"]
                  for arm, c in s["cost"].items()]
     print(table(["arm", "training FLOPs", "tokens", "optimizer steps", "train s (1 seed)", "params per token"], cost_rows))
@@ -330,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--full-chars", type=int, default=3_000_000, help="training characters per domain taken "
                                                                           "from the full corpus")
     parser.add_argument("--budgets", default="20,60,200", help="training tokens per non-embedding parameter of (b)")
-    parser.add_argument("--full-budget", type=float, default=200, help="the budget the full corpus is run at")
+    parser.add_argument("--full-budget", type=float, default=60, help="the budget the full corpus is run at")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=None, help="default: the embedded config's (as for the next four)")
     parser.add_argument("--seq-len", type=int, default=None)
@@ -428,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
                 settings.append(bench.setting("slice", scales["slice"], test, routed, budget, args.seeds, shape,
                                               big_shape, seed_fraction, lr_scale, warmup, args.replay, seed_floor))
                 print_setting(settings[-1])
+                if not args.quick:  # what is done so far survives an interrupted run
+                    write_results(args.out, {"partial": True, "settings": settings, "wall_s": time.monotonic() - started})
             if "full" in scales:
                 settings.append(bench.setting("full", scales["full"], test, routed, args.full_budget, 1, shape,
                                               big_shape, seed_fraction, lr_scale, warmup, args.replay, seed_floor,
@@ -436,6 +457,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     wall = time.monotonic() - started
     if not args.sweep:
+        print("\n(a)/(b') per domain against the budget (tokens per parameter of (b)):")
+        rows = [[s["label"], f"{s['budget_tokens_per_param']:g}"]
+                + [_r(s["per_domain"][d]["a"]["mean"], s["per_domain"][d]["b_seed_decayed"]["mean"]) for d in DOMAINS]
+                for s in settings]
+        print(table(["data", "budget", *DOMAINS], rows))
         print("\n(a)/(b) per domain against the budget (tokens per parameter of (b)):")
         rows = [[s["label"], f"{s['budget_tokens_per_param']:g}"]
                 + [_r(s["per_domain"][d]["a"]["mean"], s["per_domain"][d]["b"]["mean"]) for d in DOMAINS]
@@ -452,4 +478,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # The worker processes unpickle `execute` and `Run` by module name, and `python -m bench` runs this file
+    # as __main__ of another module: run the importable copy.
+    from bench.specialists import main as run_main
+
+    run_main()

@@ -260,8 +260,9 @@ class GeneralistConfig(_Strict):
 class BranchConfig(_Strict):
     """How a specialist is trained after branching from the seed (see train/branch.py)."""
 
-    learning_rate_scale: float = Field(0.5, gt=0, le=2, description="Branch peak learning rate / the seed's.")
-    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Re-warm-up, as a share of the branch's steps.")
+    learning_rate_scale: float = Field(1.0, gt=0, le=2, description="Branch peak learning rate / the seed's.")
+    warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Re-warm-up, as a share of the branch's steps "
+                                                                 "(0: start at the peak, where a constant seed left off).")
 
 
 class TrainingConfig(_Strict):
@@ -279,7 +280,7 @@ class TrainingConfig(_Strict):
         0.75, gt=0, lt=1, description="Share of the budget (epochs over the pooled data) the seed takes; the "
                                       "specialists' branches share the rest.")
     seed_schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="The seed's learning rate after warmup: cosine decay, or constant (warmup-stable-decay: "
+        "constant", description="The seed's learning rate after warmup: cosine decay, or constant (warmup-stable-decay: "
                               "each branch then does the decay on its own domain).")
     branch: BranchConfig = BranchConfig()
     seed: int = 0

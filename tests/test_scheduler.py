@@ -45,7 +45,7 @@ def test_failed_jobs_are_retried_recorded_and_never_run_twice_at_once(ray_local,
     name = f"scheduler-{uuid.uuid4().hex[:8]}"
     scheduler = get_or_create_scheduler(config, registry_name, name=name)
 
-    # No data was loaded into this storage root: every attempt fails on the missing dataset.
+    # Nothing was trained or loaded into this storage root: every attempt fails, law having no seed to branch from.
     assert ray.get(scheduler.trigger.remote("law", "manual")) == "started"
     assert ray.get(scheduler.trigger.remote("law", "new data", {"new_documents": 250})) == "queued behind the running job"
     with pytest.raises(ValueError, match="no specialist named 'nope'"):
@@ -59,7 +59,8 @@ def test_failed_jobs_are_retried_recorded_and_never_run_twice_at_once(ray_local,
     assert [(r["trigger"], r["attempt"], r["outcome"]) for r in runs] == [
         ("manual", 1, "failed"), ("manual", 2, "failed"), ("manual", 3, "failed"),
         ("new data", 1, "failed"), ("new data", 2, "failed"), ("new data", 3, "failed")]
-    assert all("no training documents" in r["reason"] for r in runs), runs[0]["reason"]
+    assert all("branches from the seed, generalist, which has no serving version" in r["reason"] for r in runs), \
+        runs[0]["reason"]
     assert runs[3]["data"] == {"new_documents": 250}
     for earlier, later in zip(runs, runs[1:]):  # one job per specialist at a time
         assert earlier["ended_at"] <= later["started_at"]
