@@ -81,7 +81,12 @@ def served(ray_local, tmp_path_factory, embedded_config_data):
             ray.get(registry.promote.remote(model, 1, config.training.promotion_margin))
 
     started = time.monotonic()
-    deployment = deploy(config, registry)
+    try:
+        deployment = deploy(config, registry)
+    except BaseException:  # leave no Serve instance on this fixture's port behind for the tests after it
+        shutdown(config)
+        ray.kill(registry)
+        raise
     deployment.timings["fixture_s"] = time.monotonic() - started
     yield config, registry, deployment
     shutdown(config)
