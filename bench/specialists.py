@@ -15,7 +15,7 @@ Every model is trained by `senmon.train.loop.train_steps`, the loop the Ray Trai
 the schedules of senmon.train.branch; here it runs in-process (a pool of one process per core),
 because 100+ short runs would spend most of their time starting Ray Train jobs.
 
-    python -m bench specialists                 # default: slice (budgets 20/60/120, 3 seeds) + full corpus (60)
+    python -m bench specialists                 # default: slice (budgets 10/20/60, 3 seeds) + full corpus (60)
     python -m bench.specialists --quick         # seconds-scale run of the same code (the test suite's)
     python -m bench.specialists --sweep         # seed share and branch schedule, one budget (sets defaults)
 """
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the prepared full corpus (python -m senmon.ingest.prepare); skipped when absent")
     parser.add_argument("--full-chars", type=int, default=3_000_000, help="training characters per domain taken "
                                                                           "from the full corpus")
-    parser.add_argument("--budgets", default="20,60,120", help="training tokens per non-embedding parameter of (b)")
+    parser.add_argument("--budgets", default="10,20,60", help="training tokens per non-embedding parameter of (b)")
     parser.add_argument("--full-budget", type=float, default=60, help="the budget the full corpus is run at")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=None, help="default: the embedded config's (as for the next four)")
