@@ -45,14 +45,14 @@ def test_the_specialists_benchmark_runs_every_arm_at_equal_flops():
     result = main(["--quick"])
     [setting] = result["settings"]
     cost = setting["cost"]
-    assert set(cost) == {"a", "b", "c", "d"}
-    for arm in ("a", "c", "d"):  # every arm spends the same training FLOPs as (b), within 5%
+    assert set(cost) == {"a", "b", "b'", "c", "d"}
+    for arm in ("a", "b'", "c", "d"):  # every arm spends the same training FLOPs as (b), within 5%
         assert abs(cost[arm]["flops"] / cost["b"]["flops"] - 1) < 0.05, (arm, cost)
     assert cost["a"]["steps"] == setting["seed_steps"] + 5 * setting["branch_steps"]
     assert cost["c"]["params_per_token"] > 2 * cost["b"]["params_per_token"]
     for domain in DOMAINS:
         row = setting["per_domain"][domain]
-        assert len(row["a"]["runs"]) == len(row["b"]["runs"]) == 2
+        assert len(row["a"]["runs"]) == len(row["b"]["runs"]) == len(row["b_seed_decayed"]["runs"]) == 2
         assert row["a"]["min"] <= row["a"]["mean"] <= row["a"]["max"]
         assert 1 < row["a_routed"]["mean"] < 10_000 and 1 < row["c"] < 10_000 and 1 < row["d"] < 10_000
         assert row["a"]["mean"] < row["seed"]["mean"]  # a branch improves on its seed on its own domain
