@@ -259,7 +259,7 @@ def summarise(label: str, budget: float, r: dict, seeds_a: int, seeds_b: int, me
             row["seed"] = spread([ppl([r[f"seed/{s}"]["test"][d]]) for s in range(seeds_a)])
         if seeds_b:
             row["b"] = spread([ppl([r[f"b/{s}"]["test"][d]]) for s in range(seeds_b)])
-        if f"bw/0" in r:
+        if "bw/0" in r:
             row["b_seed_decayed"] = spread([ppl([r[f"bw/{s}"]["test"][d]]) for s in range(seeds_a)])
         if "b2" in r:
             row["b_branch_lr"] = ppl([r["b2"]["test"][d]])
