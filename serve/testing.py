@@ -11,12 +11,15 @@ from pathlib import Path
 
 
 def tiny_checkpoint(directory: str | Path, tokenizer_json: str, *, hidden_size: int = 64, layers: int = 2,
-                    max_len: int = 128, seed: int = 0) -> str:
-    """Write a random Llama (head size 32) plus the tokenizer to `directory`; return its path."""
+                    max_len: int = 128, seed: int = 0, init_std: float = 0.2) -> str:
+    """Write a random Llama (head size 32) plus the tokenizer and its reference log-probabilities
+    (train/reference.py) to `directory`; return its path. `init_std` is larger than a training
+    init so that two seeds answer the probe clearly differently (what the swap tests need)."""
     import torch
     from tokenizers import Tokenizer
     from transformers import LlamaForCausalLM
 
+    from senmon.train.reference import compute_reference, write_reference
     from senmon.train.sizing import shape_for_hidden, llama_config
     from senmon.train.tokenizer import wrap
 
@@ -25,7 +28,12 @@ def tiny_checkpoint(directory: str | Path, tokenizer_json: str, *, hidden_size: 
     config = llama_config(shape_for_hidden(hidden_size, layers), len(tokenizer), max_len,
                           tokenizer.eos_token_id, tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                parameter.normal_(0.0, init_std)
     directory = Path(directory)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    write_reference(directory, compute_reference(model, tokenizer))
     return str(directory)

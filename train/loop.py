@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from senmon.train.reference import compute_reference, write_reference
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -160,5 +162,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             unwrapped = model.module if hasattr(model, "module") else model
             unwrapped.save_pretrained(directory, safe_serialization=True)
             tokenizer.save_pretrained(directory)
+            # what an engine must answer on the probe prompt with these weights (serve/engine.py checks it)
+            write_reference(directory, compute_reference(unwrapped, tokenizer))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(final, checkpoint=checkpoint)
