@@ -129,6 +129,17 @@ class RegistryState:
         return copy.deepcopy(target)
 
 
+    def refuse(self, specialist: str, version: int, reason: str, restore: int | None = None) -> dict | None:
+        """`version` could not be served (its swap was refused): mark it rejected with the reason and
+        serve `restore` (the version that served before it) again; returns the serving record."""
+        record = self.get(specialist, version)
+        self._set(record, "rejected", f"refused at swap: {reason}")
+        if restore is not None and restore != version:
+            target = self.get(specialist, restore)
+            self._set(target, "serving", f"restored: v{version} was refused at swap")
+        return self.current(specialist)
+
+
 class ModelRegistry:
     """The registry as a Ray actor whose every change is durable before it returns."""
 
@@ -160,6 +171,9 @@ class ModelRegistry:
 
     def rollback(self, specialist: str, version: int | None = None) -> dict:
         return self._apply("rollback", specialist, version)
+
+    def refuse(self, specialist: str, version: int, reason: str, restore: int | None = None) -> dict | None:
+        return self._apply("refuse", specialist, version, reason, restore)
 
     def current(self, specialist: str) -> dict | None:
         return self.state.current(specialist)

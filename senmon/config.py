@@ -312,6 +312,14 @@ class ServeConfig(_Strict):
     cpus_per_engine: float = Field(1.0, gt=0, description="Logical CPUs reserved per engine replica.")
     router_replicas: int = Field(1, ge=1)
     drain_timeout_s: float = Field(60.0, gt=0, description="Longest a swap waits for the old version's requests.")
+    in_place_swap: bool = Field(
+        True, description="Swap a same-architecture version by reloading weights inside the running engines "
+                          "(verified); off: always start the new version beside the old (blue/green).")
+    reference_tolerance: float = Field(
+        0.02, gt=0, description="Largest difference in a probe prompt's log-probabilities between an engine and "
+                                "the training job's reference for the weights to count as loaded (float32 here; "
+                                "raise it for bf16/fp16 engines).")
+    engine_poll_s: float = Field(0.25, gt=0, description="How often an engine replica checks for new weights.")
 
 
 class SchedulerConfig(_Strict):
@@ -324,6 +332,12 @@ class SchedulerConfig(_Strict):
     check_interval_s: float = Field(2.0, gt=0, description="How often due schedules are checked.")
     retrain_from: Literal["current", "scratch"] = Field(
         "current", description="'current' continues the serving version (same shape); 'scratch' re-sizes by D/20.")
+    retrain_path: Literal["fast", "full"] = Field(
+        "fast", description="A data-triggered retrain that continues the serving version: 'fast' runs in one Ray "
+                            "task on the new documents plus a replay sample (train/fast.py); 'full' runs Ray Data "
+                            "and Ray Train over all the specialist's data as a first training does.")
+    replay_share: float = Field(
+        0.5, ge=0, lt=1, description="Fast path: share of each batch drawn from the specialist's older documents.")
 
 
 # --------------------------------------------------------------------------- root

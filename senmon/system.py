@@ -33,11 +33,14 @@ RESET_HOOK = "senmon.system:reset_new_data"
 
 
 def swap_on_promotion(config_data: dict, name: str, record: dict) -> dict:
-    """Scheduler hook: serve the newly promoted `record` of `name`, blue/green, no failed request."""
+    """Scheduler hook: serve the newly promoted `record` of `name` (in place or blue/green, no failed request);
+    a refused swap leaves the registry on the version that serves."""
+    from senmon.actors.registry import get_registry
     from senmon.serve.router import as_config
-    from senmon.serve.swap import swap
+    from senmon.serve.swap import swap_or_restore
 
-    return swap(as_config(config_data), name, record)
+    config = as_config(config_data)
+    return swap_or_restore(config, name, record, None, get_registry(REGISTRY, config.ray.namespace))
 
 
 def retrain_router(config_data: dict) -> dict:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -96,6 +97,20 @@ class Decision:
     def headers(self) -> dict[str, str]:
         return {"x-senmon-specialist": self.specialist, "x-senmon-version": str(self.version),
                 "x-senmon-confidence": f"{self.confidence:.4f}", "x-senmon-routing-ms": f"{self.routing_ms:.3f}"}
+
+
+_VERSION_TAG = re.compile(r'"senmon_version": (\d+)')
+
+
+def engine_version(item: Any) -> int | None:
+    """The `senmon_version` an engine replica put on its first output (serve/engine.py), if any."""
+    if isinstance(item, str):
+        found = _VERSION_TAG.search(item[:200])
+        return int(found.group(1)) if found else None
+    value = getattr(item, "senmon_version", None)
+    if value is None:
+        value = (getattr(item, "model_extra", None) or {}).get("senmon_version")
+    return int(value) if isinstance(value, int) else None
 
 
 def _engine_error(error, model: str, max_model_len: int, kind: str) -> ApiError:
@@ -319,6 +334,9 @@ class Router:
             if items and type(items[0]).__name__ == "ErrorResponse":
                 release()
                 raise _engine_error(items[0], model, self._max_model_len(model), kind)
+            produced_by = engine_version(items[0] if items else None)
+            if produced_by is not None:  # the replica says which weights answered (in-place swaps, serve/engine.py)
+                decision.version = produced_by
             return first, stream, release
         raise AssertionError("unreachable")
 
@@ -329,6 +347,7 @@ class Router:
         first, stream, release = await self._start(kind, request, decision)
         release()
         result = first.model_dump(mode="json")
+        result.pop("senmon_version", None)
         result["senmon"] = asdict(decision)
         return result, decision
 
@@ -343,6 +362,7 @@ class Router:
             head, sep, rest = packet.partition("\n\n")
             if head.startswith("data: {"):
                 event = json.loads(head[len("data: "):])
+                event.pop("senmon_version", None)
                 event["senmon"] = meta
                 return "data: " + json.dumps(event, ensure_ascii=False) + sep + rest
             return packet
@@ -483,6 +503,7 @@ class Router:
         version = body.get("version")
         if version is not None and not isinstance(version, int):
             raise ApiError(400, "'version' must be an integer", param="version", code="invalid_value")
+        before = await self.registry.current.remote(model)
         try:
             if action == "promote":
                 if version is None:
@@ -500,7 +521,8 @@ class Router:
                 raise ApiError(409, str(cause.args[0] if cause.args else cause), code="registry_refused") from None
             raise
         try:
-            swap = await run_swap_task.remote(self.config.model_dump(mode="json"), model, record, self.table)
+            swap = await run_swap_task.remote(self.config.model_dump(mode="json"), model, record, self.table,
+                                              self.registry, before["version"] if before else None)
         except ray.exceptions.RayTaskError as error:
             cause = getattr(error, "cause", None)
             if isinstance(cause, SwapError):

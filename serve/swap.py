@@ -1,5 +1,16 @@
 """Live swap: move one model to another version with no failed or dropped request.
 
+**In place** (the default for a version with the same architecture and tokenizer as the one
+serving: every retrain from the serving version, every branched specialist, every rollback
+between them). The driver first checks the new checkpoint's files against the reference the
+training job stored (train/reference.py) and refuses a checkpoint changed since. Then it points the model's table entry at the new weights, keeping the
+application. Each engine replica (serve/engine.py) sees the entry within `serve.engine_poll_s`,
+holds new requests, lets running ones finish, reloads the weights inside its running vLLM
+engine, verifies them through the engine and reports. The swap is done when every live replica
+reports the new version. A replica that cannot verify goes back to the old weights by itself;
+the driver then puts the entry back and falls back to blue/green, which starts a fresh engine.
+
+**Blue/green** (architecture changes, `serve.in_place_swap: false`, or an in-place failure).
 Ray Serve's own rolling update stops an old replica before its replacement starts, so a
 one-replica specialist would go dark while the new engine loads. senmon swaps blue/green
 instead, one Serve application per version:
@@ -20,8 +31,11 @@ rollback are the same move: the registry says which version serves, the swap mak
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import uuid
+from pathlib import Path
 
 import ray
 from ray import serve
@@ -50,10 +64,10 @@ def all_models(config: SenmonConfig) -> list[str]:
 # --------------------------------------------------------------------------- steps
 
 
-def start_version(config: SenmonConfig, model: str, record: dict) -> str:
+def start_version(config: SenmonConfig, model: str, record: dict, name: str | None = None) -> str:
     """Deploy `record`'s version as its own application, without waiting; returns the app name."""
-    name = app_name(config, model, record["version"])
-    target = serve.RunTarget(build_specialist_app(config, model, record["version"], record["path"]), name=name,
+    name = name or app_name(config, model, record["version"])
+    target = serve.RunTarget(build_specialist_app(config, model, record["version"], record["path"], name), name=name,
                              route_prefix=None)
     serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     return name
@@ -112,6 +126,96 @@ def drain(config: SenmonConfig, epoch: int, old_app: str, table=None) -> dict:
         time.sleep(0.1)
 
 
+# --------------------------------------------------------------------------- in place
+
+
+class CheckpointRefused(SwapError):
+    """The new checkpoint's files do not reproduce its reference: no engine may serve it."""
+
+
+_IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def _read(path: str, name: str) -> bytes | None:
+    try:
+        return (Path(path) / name).read_bytes()
+    except OSError:
+        return None
+
+
+def in_place_blocker(old: dict, record: dict) -> str | None:
+    """Why `record` cannot replace the weights of `old` (a table entry) in place, or None when it can:
+    same model config (architecture and sizes) and the same tokenizer, both local checkpoints."""
+    old_config, new_config = _read(old["path"], "config.json"), _read(record["path"], "config.json")
+    if old_config is None or new_config is None:
+        return "not a local checkpoint"
+
+    def shape(raw: bytes) -> dict:
+        return {k: v for k, v in json.loads(raw).items() if k not in _IGNORED_CONFIG_KEYS}
+
+    if shape(old_config) != shape(new_config):
+        return "another architecture or size"
+    if _read(old["path"], "tokenizer.json") != _read(record["path"], "tokenizer.json"):
+        return "another tokenizer"
+    return None
+
+
+def wait_engines(table, app: str, version: int, timeout_s: float) -> dict:
+    """Wait until every live replica of `app` reports `version`, or one refuses it; returns what they said."""
+    deadline = time.monotonic() + timeout_s
+    seen_any_at = time.monotonic()
+    while True:
+        reports = ray.get(table.engine_reports.remote(app))
+        refused = {r["replica"]: r["refused"][str(version)] for r in reports if str(version) in r.get("refused", {})}
+        if refused:
+            return {"done": False, "refused": refused, "replicas": len(reports)}
+        if reports and all(r["version"] == version for r in reports):
+            return {"done": True, "replicas": len(reports), "swaps": [r.get("last_swap") for r in reports]}
+        if reports:
+            seen_any_at = time.monotonic()
+        elif time.monotonic() - seen_any_at > 10:
+            raise SwapError(f"no replica of {app} reports to the serving table")
+        if time.monotonic() > deadline:
+            behind = sum(r["version"] != version for r in reports)
+            raise SwapError(f"{behind} of {len(reports)} replicas of {app} not on v{version} after {timeout_s:.0f} s")
+        time.sleep(0.02)
+
+
+def swap_in_place(config: SenmonConfig, model: str, record: dict, old: dict, table) -> dict:
+    """Move `model`'s serving application to `record`'s weights without a new engine; returns timings.
+
+    Raises CheckpointRefused when the files do not reproduce their reference, SwapError when a replica
+    refused or did not move (the entry is then back on the old weights, which the replicas serve)."""
+    from senmon.train.reference import check_checkpoint, load_reference
+
+    started = time.monotonic()
+    reference = load_reference(record["path"])
+    problem = check_checkpoint(record["path"], reference, config.serve.reference_tolerance)
+    if problem:
+        raise CheckpointRefused(f"{model} v{record['version']} refused: {problem}")
+    checked = time.monotonic() - started
+    entry = {**old, "version": record["version"], "path": record["path"], "reference": reference}
+    ray.get(table.set.remote(model, entry))
+    timeout = config.serve.drain_timeout_s + 30
+    try:
+        result = wait_engines(table, old["app"], record["version"], timeout)
+    except SwapError:
+        result = {"done": False, "refused": {}, "error": "timeout"}
+        ray.get(table.set.remote(model, old))
+        raise
+    if not result["done"]:
+        ray.get(table.set.remote(model, old))  # the refusing replicas already went back; the others follow
+        try:
+            wait_engines(table, old["app"], old["version"], timeout)
+        except SwapError:
+            log.warning("%s: not every replica back on v%s yet", model, old["version"])
+        reason = next(iter(result["refused"].values()))
+        raise SwapError(f"{model} v{record['version']} refused by {len(result['refused'])} of "
+                        f"{result['replicas']} replicas: {reason}")
+    return {"kind": "in_place", "check_s": round(checked, 3), "replicas": result["replicas"],
+            "replica_swaps": result["swaps"], "app": old["app"]}
+
+
 # --------------------------------------------------------------------------- the swap
 
 
@@ -127,10 +231,29 @@ def swap(config: SenmonConfig, model: str, record: dict, table=None) -> dict:
         _, entries = ray.get(table.get.remote())
         old = entries.get(model)
         timings["from_version"] = old["version"] if old else None
-        new_app = app_name(config, model, record["version"])
-        if old and old["app"] == new_app:
+        if old and old["version"] == record["version"]:
             return {**timings, "changed": False}
-        start_version(config, model, record)
+        if old and config.serve.in_place_swap:
+            blocker = in_place_blocker(old, record)
+            if blocker is None:
+                try:
+                    result = swap_in_place(config, model, record, old, table)
+                    timings["total_s"] = time.monotonic() - started
+                    log.info("%s: v%s -> v%s in place in %.2f s", model, old["version"], record["version"],
+                             timings["total_s"])
+                    return {**timings, **result, "changed": True}
+                except CheckpointRefused:
+                    raise
+                except SwapError as error:  # a replica could not load or verify: a fresh engine may
+                    timings["in_place_error"] = str(error)
+                    log.warning("%s: in-place swap failed (%s); starting v%s beside v%s", model, error,
+                                record["version"], old["version"])
+            else:
+                timings["in_place_skipped"] = blocker
+        new_app = app_name(config, model, record["version"])
+        if old and old["app"] == new_app:  # that application now serves other weights (an in-place swap)
+            new_app = f"{new_app}-{uuid.uuid4().hex[:6]}"
+        start_version(config, model, record, new_app)
         wait_running([new_app])
         timings["start_s"] = time.monotonic() - started
         timings["warm_s"] = warm(model, new_app)
@@ -142,7 +265,7 @@ def swap(config: SenmonConfig, model: str, record: dict, table=None) -> dict:
             serve.delete(old["app"])
         timings["total_s"] = time.monotonic() - started
         log.info("%s: v%s -> v%s in %.1f s", model, timings["from_version"], record["version"], timings["total_s"])
-        return {**timings, "changed": True, "app": new_app}
+        return {**timings, "kind": "blue_green", "changed": True, "app": new_app}
     except Exception as error:
         if new_app and not switched and not (old and old["app"] == new_app):
             try:
@@ -169,14 +292,31 @@ def sync_with_registry(config: SenmonConfig, registry, table=None) -> list[dict]
     return results
 
 
+def swap_or_restore(config: SenmonConfig, model: str, record: dict, previous: int | None, registry,
+                    table=None) -> dict:
+    """`swap` after the registry promoted `record`; when the swap fails, the registry marks the version
+    rejected with the reason and names `previous` serving again, so it says what actually serves."""
+    try:
+        return swap(config, model, record, table)
+    except SwapError as error:
+        if previous is None:  # the version this promotion or rollback replaced
+            replaced = {f"replaced by v{record['version']}", f"rolled back to v{record['version']}"}
+            previous = next((r["version"] for r in ray.get(registry.history.remote(model))
+                             if r.get("reason") in replaced), None)
+        ray.get(registry.refuse.remote(model, record["version"], str(error), previous))
+        raise
+
+
 # --------------------------------------------------------------------------- as Ray tasks (the admin endpoints)
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def run_swap_task(config: dict, model: str, record: dict, table) -> dict:
+def run_swap_task(config: dict, model: str, record: dict, table, registry=None, previous: int | None = None) -> dict:
     from senmon.serve.router import as_config
 
-    return swap(as_config(config), model, record, table)
+    if registry is None:
+        return swap(as_config(config), model, record, table)
+    return swap_or_restore(as_config(config), model, record, previous, registry, table)
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -6,7 +6,9 @@ requests it has in flight per application. That report is what makes a swap safe
 a pointer, `serve/swap.py` waits until every live router replica runs on the new epoch and none
 has a request left on the old application, and only then deletes the old one.
 
-Entries: `{model: {"app", "version", "path", "max_model_len"}}`. The actor is detached and named
+Entries: `{model: {"app", "version", "path", "reference"}}`. After an in-place swap an application
+keeps its name and serves another version: engine replicas poll `engine_poll` for their
+application's entry and load the weights it names (serve/engine.py). The actor is detached and named
 (`<app_name>-table`) so the router, the swap code and the admin endpoints all find it.
 """
 
@@ -24,6 +26,7 @@ class ServingTable:
         self.entries: dict[str, dict] = {}
         self.epoch = 0
         self.routers: dict[str, dict] = {}  # replica id -> {"seen", "epoch", "inflight"}
+        self.engines: dict[str, dict] = {}  # engine replica id -> {"seen", "app", "version", "refused", ...}
         self.swapping: set[str] = set()
         self.routing_gen = 0  # bumped to make every router replica reload the routing model
 
@@ -67,6 +70,24 @@ class ServingTable:
         behind = [r for r, s in live.items() if s["epoch"] < epoch]
         inflight = sum(s["inflight"].get(app, 0) for s in live.values())
         return {"done": not behind and inflight == 0, "routers": len(live), "behind": len(behind), "inflight": inflight}
+
+    # ----------------------------------------------------------------- engine replicas (serve/engine.py)
+
+    def engine_poll(self, replica: str, app: str, report: dict) -> dict | None:
+        """An engine replica's heartbeat with what it serves; returns its application's entry (the
+        weights it should serve), or None when no model points at that application."""
+        self.engines[replica] = {**report, "app": app, "seen": time.monotonic()}
+        for entry in self.entries.values():
+            if entry.get("app") == app:
+                return dict(entry)
+        return None
+
+    def engine_reports(self, app: str) -> list[dict]:
+        """What each live replica of `app` reports serving (version, refusals, last swap)."""
+        now = time.monotonic()
+        for replica in [r for r, s in self.engines.items() if now - s["seen"] > 10 * LIVE_S]:
+            del self.engines[replica]  # long gone
+        return [{**s, "replica": r} for r, s in self.engines.items() if s["app"] == app and now - s["seen"] < LIVE_S]
 
     # ----------------------------------------------------------------- one swap per model at a time
 

@@ -100,6 +100,20 @@ def test_rollback_refusals_name_the_reason():
         state.history("code")
 
 
+def test_a_version_refused_at_swap_is_rejected_and_the_previous_serves_again():
+    state = RegistryState()
+    register(state, 100.0)
+    state.promote("law", 1, margin=0.02)
+    register(state, 50.0)
+    assert state.promote("law", 2, margin=0.02)["status"] == "serving"
+    serving = state.refuse("law", 2, "probe log-probabilities differ", restore=1)
+    assert serving["version"] == 1 and "v2 was refused" in serving["reason"]
+    refused = state.get("law", 2)
+    assert refused["status"] == "rejected" and refused["reason"] == "refused at swap: probe log-probabilities differ"
+    with pytest.raises(RegistryError, match="rejected"):
+        state.promote("law", 2, margin=0.02)  # only with force, as any rejected version
+
+
 def test_a_damaged_registry_file_is_refused_not_replaced(tmp_path):
     (tmp_path / "registry").mkdir()
     (tmp_path / "registry" / "registry.json").write_text('{"format": 1, "speci')

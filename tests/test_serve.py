@@ -333,3 +333,129 @@ def test_admin_promote_gate_and_reload_through_the_router(served):
     assert client(served).completions.with_raw_response.create(
         model="japanese", prompt="x", max_tokens=2).headers["x-senmon-version"] == "1"
     assert {"stest-law-v1", "stest-japanese-v1"} <= set(serve.status().applications)
+
+
+# --------------------------------------------------------------------------- in-place swaps
+
+
+class Load:
+    """One client sending completions to `model` back to back; records status and answering version."""
+
+    def __init__(self, served, model: str):
+        import threading
+
+        self.served, self.model, self.results = served, model, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            started = time.monotonic()
+            response = post(self.served, "/v1/completions", {"model": self.model, "prompt": LAW, "max_tokens": 4})
+            self.results.append((response.status_code, response.headers.get("x-senmon-version"),
+                                 time.monotonic() - started))
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(1.0)
+        self.stop.set()
+        self.thread.join(60)
+
+    def versions(self) -> list[str]:
+        seen = []
+        for _, version, _ in self.results:
+            if not seen or seen[-1] != version:
+                seen.append(version)
+        return seen
+
+
+def _law_entry(config):
+    from senmon.serve.table import get_table
+
+    table = get_table(config.serve.app_name, config.ray.namespace)
+    return table, ray.get(table.get.remote())[1]["law"]
+
+
+def test_in_place_promotion_and_rollback_under_load(served):
+    """A same-architecture version swaps inside the running engine: no new application, every answer
+    from one version or the other (never a failure), and the replica says it verified the new weights."""
+    from ray import serve
+
+    from senmon.serve.testing import tiny_checkpoint
+    from senmon.train.job import tokenizer_json
+
+    config, registry, deployment = served
+    serving = ray.get(registry.current.remote("law"))
+    path = tiny_checkpoint(Path(serving["path"]).parent / "law-in-place", tokenizer_json(config), max_len=MAX_LEN,
+                           seed=11)
+    new = ray.get(registry.register.remote("law", "run-law-in-place", path, {"val_ppl": 10.0}, {}, {}))
+    with Load(served, "law") as load:
+        promoted = post(served, "/admin/promote", {"specialist": "law", "version": new["version"]}, key=ADMIN_KEY)
+    assert promoted.status_code == 200, promoted.text
+    swap = promoted.json()["swap"]
+    assert swap["kind"] == "in_place" and swap["app"] == "stest-law-v1", swap
+    assert swap["total_s"] < 5, json.dumps(swap)
+    assert all(status == 200 for status, _, _ in load.results), load.results
+    assert load.versions() == [str(serving["version"]), str(new["version"])], load.versions()
+    assert f"stest-law-v{new['version']}" not in serve.status().applications  # no second engine was started
+    table, entry = _law_entry(config)
+    reports = ray.get(table.engine_reports.remote("stest-law-v1"))
+    assert reports and all(r["version"] == new["version"] and not r["refused"] for r in reports), reports
+
+    with Load(served, "law") as load:
+        rolled = post(served, "/admin/rollback", {"specialist": "law", "version": serving["version"]}, key=ADMIN_KEY)
+    assert rolled.status_code == 200, rolled.text
+    assert rolled.json()["swap"]["kind"] == "in_place" and rolled.json()["swap"]["total_s"] < 5
+    assert all(status == 200 for status, _, _ in load.results), load.results
+    assert load.versions() == [str(new["version"]), str(serving["version"])], load.versions()
+
+
+def test_checkpoint_that_does_not_match_its_reference_is_refused(served):
+    """One tensor changed after training: the swap is refused before any engine sees it, the registry
+    marks the version rejected and serves the old one, and the old one keeps answering."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config, registry, deployment = served
+    serving = ray.get(registry.current.remote("law"))
+    broken = Path(serving["path"]).parent / "law-corrupt"
+    shutil.copytree(serving["path"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    name = next(n for n in sorted(tensors) if n.endswith("mlp.down_proj.weight"))
+    tensors[name] = tensors[name] * 3.0
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    bad = ray.get(registry.register.remote("law", "run-law-corrupt", str(broken), {"val_ppl": 1.0}, {}, {}))
+
+    refused = post(served, "/admin/promote", {"specialist": "law", "version": bad["version"]}, key=ADMIN_KEY)
+    assert_openai_error(refused, 409, "refused", "model.safetensors changed since training")
+    assert ray.get(registry.current.remote("law"))["version"] == serving["version"]
+    assert ray.get(registry.get.remote("law", bad["version"]))["status"] == "rejected"
+    answer = post(served, "/v1/completions", {"model": "law", "prompt": LAW, "max_tokens": 2})
+    assert answer.status_code == 200 and answer.headers["x-senmon-version"] == str(serving["version"])
+
+
+def test_replica_refuses_weights_it_cannot_verify_and_goes_back(served):
+    """The engine's own check: the table names weights whose reference they do not reproduce (the
+    driver's file check bypassed); every replica refuses, restores the old weights and keeps answering."""
+    from senmon.serve.swap import wait_engines
+    from senmon.train.reference import load_reference
+
+    config, registry, deployment = served
+    table, entry = _law_entry(config)
+    other = ray.get(registry.current.remote("japanese"))["path"]  # same shape, other weights
+    wrong = load_reference(entry["path"])  # the serving weights' reference, not the new ones'
+    ray.get(table.set.remote("law", {**entry, "version": 99, "path": other, "reference": wrong}))
+    try:
+        result = wait_engines(table, entry["app"], 99, 60)
+    finally:
+        ray.get(table.set.remote("law", entry))
+    assert result["done"] is False and result["refused"], result
+    assert "differ from the reference" in next(iter(result["refused"].values()))
+    assert wait_engines(table, entry["app"], entry["version"], 30)["done"]
+    answer = post(served, "/v1/completions", {"model": "law", "prompt": LAW, "max_tokens": 2})
+    assert answer.status_code == 200 and answer.headers["x-senmon-version"] == str(entry["version"])
