@@ -63,13 +63,14 @@ def call_hook(path: str | None, *args):
 
 @ray.remote(num_cpus=0, max_retries=0)
 def retrain_job(config_data: dict, name: str, registry_name: str, namespace: str | None, init: str | None,
-                run_id: str | None) -> dict:
-    """One job: train, register, gate. Uses no CPU itself; its Ray Train workers reserve theirs."""
+                run_id: str | None, new_shards: list[str] | None = None) -> dict:
+    """One job: train, register, gate. Uses no CPU itself; its training task or workers reserve theirs.
+    `new_shards` (the documents that triggered it) lets a continued version take the fast path."""
     from senmon.train.job import train_and_register
 
     config = parse_config(config_data, source="scheduler")
     registry = ray.get_actor(registry_name, namespace=namespace)
-    return train_and_register(config, name, registry, init=init, run_id=run_id)
+    return train_and_register(config, name, registry, init=init, run_id=run_id, new_shards=new_shards)
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -188,7 +189,7 @@ class Scheduler:
                         await run_hook.remote(self.data_reset_hook, name)
                     init = await self._init_for(name)
                     record = await retrain_job.remote(self.config_data, name, self.registry_name, self.namespace,
-                                                      init, run["run_id"])
+                                                      init, run["run_id"], info.get("shards"))
                     run.update(outcome=record["status"], version=record["version"], reason=record["reason"],
                                val_ppl=record["metrics"].get("val_ppl"),
                                data={**info, "shards": record["data"].get("shards"),
@@ -205,8 +206,13 @@ class Scheduler:
                     break
                 except Exception as error:  # recorded, then retried; the serving version is untouched
                     cause = getattr(error, "cause", None) or error
-                    run.update(outcome="failed", ended_at=_now(), reason=f"{type(cause).__name__}: {cause}")
+                    refused = type(cause).__name__ in ("SwapError", "CheckpointRefused")
+                    run.update(outcome="swap_refused" if refused else "failed", ended_at=_now(),
+                               reason=f"{type(cause).__name__}: {cause}")
                     self._save()
+                    if refused:  # trained and registered; serving refused it (the registry says why): no retrain
+                        log.warning("%s v%s was not served: %s", name, run["version"], run["reason"])
+                        break
                     log.warning("retraining %s failed (attempt %d): %s", name, attempt + 1, run["reason"])
                     if attempt < settings.max_retries:
                         await asyncio.sleep(settings.retry_backoff_s * 2 ** attempt)

@@ -142,14 +142,16 @@ def freshness_breakdown(first_produced_ts: float, answered_ts: float, run: dict,
     """Where the seconds from the first produced document to the new version answering went.
 
     ingest: produced -> stored -> the threshold signal -> the scheduler starts the job;
-    training: tokenizer, Ray Data packing and Ray Train; evaluation: validation perplexity on every
-    domain; register + gate: the rest of the job; swap: new engine up, warmed, switched, old drained;
-    observed: until the demo saw the run end (its 1 s poll).
+    training: tokenizer, data packing, the training loop and saving (Ray Data and Ray Train on the
+    full path, one task on the fast path); evaluation: validation perplexity; register + gate: the
+    rest of the job (task start-up included); swap: weights reloaded and verified in place, or a new
+    engine up, warmed, switched and the old drained; observed: until the demo saw the run end (its
+    1 s poll).
     """
     timings = (record.get("data") or {}).get("timings") or {}
     swap_s = run.get("swap_s") or 0.0
     job_s = (run.get("ended_ts") or answered_ts) - run["started_ts"] - swap_s
-    training_s = sum(timings.get(k, 0.0) for k in ("tokenizer_s", "data_s", "train_s"))
+    training_s = sum(timings.get(k, 0.0) for k in ("tokenizer_s", "data_s", "train_s", "save_s"))
     evaluation_s = timings.get("eval_s", 0.0)
     parts = {
         "ingest_s": run["started_ts"] - first_produced_ts,

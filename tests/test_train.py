@@ -66,7 +66,7 @@ def test_a_specialist_branches_from_the_seed_and_beats_it_on_its_own_domain(trai
     config, registry, first, seed = trained
     assert first["status"] == "serving" and first["version"] == 1
     checkpoint = Path(first["path"])
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "senmon_reference.json"):
         assert (checkpoint / name).exists(), name
     assert str(checkpoint).startswith(config.storage_root)  # Ray Train storage under the storage root
     assert first["data"]["start"] == "seed" and first["data"]["init_checkpoint"] == seed["path"]
@@ -127,6 +127,34 @@ def test_continue_then_gate_rejects_then_force_and_rollback(trained):
     assert back["version"] == 1 and back["status"] == "serving"
     statuses = {r["version"]: r["status"] for r in ray.get(registry.history.remote("law"))}
     assert statuses == {1: "serving", 2: "rolled_back"}
+
+
+def test_fast_path_continues_on_new_documents_with_replay(trained):
+    """A data-triggered retrain (new shards named) continues the serving version in one task: the same
+    shape and steps as the full path, new documents plus replay, its reference written, evaluated."""
+    from senmon.train.job import train_and_register
+    from senmon.train.reference import check_checkpoint, load_reference
+
+    config, registry, _, seed = trained
+    serving = ray.get(registry.current.remote("law"))
+    store = DatasetStore(config.storage_root)
+    base = [json.loads(line) for line in (REPO / "data" / "corpus" / "train" / "law.jsonl").read_text(
+        encoding="utf-8").splitlines()[:60]]
+    rows = [dict(doc, id=f"fast-{i}-{doc['id']}") for i, doc in enumerate(base)]
+    shards = [p for p in store.write_shard(rows) if "/law/train/" in p]
+    assert shards
+
+    record = train_and_register(config, "law", registry, init="current", new_shards=shards)
+    data = record["data"]
+    assert data["path"] == "fast" and data["start"] == "current" and data["init_checkpoint"] == serving["path"]
+    assert data["new_shards"] == [p.rsplit("/", 1)[-1] for p in shards] and data["new_blocks"] > 0
+    assert data["replay_blocks"] > 0 and data["replay_share"] == config.scheduler.replay_share
+    assert data["steps"] == seed["data"]["plan"]["branch_steps"]  # what the full path would have run
+    assert record["sizing"]["shape"] == serving["sizing"]["shape"]  # same shape: the swap can happen in place
+    assert set(record["metrics"]["val_ppl_by_domain"]) == {"law"}
+    assert record["metrics"]["val_ppl"] < seed["metrics"]["val_ppl_by_domain"]["law"]  # still beats the fallback
+    assert check_checkpoint(record["path"], load_reference(record["path"]), 1e-4) is None
+    assert record["status"] in ("serving", "rejected")
 
 
 def test_start_from_a_local_hugging_face_directory(trained, tmp_path):

@@ -326,13 +326,23 @@ def resolve_init(config: SenmonConfig, registry, name: str, init: str | None) ->
 
 
 def train_and_register(config: SenmonConfig, name: str, registry, init: str | None = None,
-                       run_id: str | None = None) -> dict:
+                       run_id: str | None = None, new_shards: list[str] | None = None) -> dict:
     """Train `name`, register the version with its metadata, and pass it through the promotion gate.
 
-    Returns the version's registry record: status 'serving' when the gate let it through, else
-    'rejected' with the reason (the serving version is then unchanged).
+    `new_shards` (a data-triggered retrain) with `init="current"` takes the fast path
+    (train/fast.py) unless `scheduler.retrain_path` is 'full'. Returns the version's registry
+    record: status 'serving' when the gate let it through, else 'rejected' with the reason (the
+    serving version is then unchanged).
     """
-    result = train_model(config, name, resolve_init(config, registry, name, init), run_id=run_id)
+    start = resolve_init(config, registry, name, init)
+    if new_shards and start.kind == "current" and config.scheduler.retrain_path == "fast":
+        from .fast import fast_retrain_task
+
+        run_id = run_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        result = ray.get(fast_retrain_task.options(num_cpus=config.training.cpus_per_worker).remote(
+            config.model_dump(mode="json"), name, start, list(new_shards), run_id))
+    else:
+        result = train_model(config, name, start, run_id=run_id)
     record = ray.get(registry.register.remote(name, result.run_id, result.checkpoint_path, result.metrics,
                                               result.sizing, {**result.data, "timings": result.timings}))
     return ray.get(registry.promote.remote(name, record["version"], config.training.promotion_margin))
