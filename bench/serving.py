@@ -7,8 +7,10 @@
 (2) Routing: the routing model trained on the full corpus; accuracy per domain on the test split
     (whole documents and 100-character snippets), on hand-written prompts it never saw
     (Japanese included), and its latency per prompt.
-(3) Swap: concurrent clients on the specialist while it is promoted to a new version;
-    requests sent, failed, and p99 latency before / during / after.
+(3) Swaps under load, side by side in one run: concurrent clients on the specialist while it is
+    promoted in place (weights reloaded in the running engine, verified), rolled back in place,
+    and promoted blue/green (a new engine started beside the old, the cold-start path); for each,
+    the swap's duration, requests sent and failed, and p50/p99 latency before / during / after.
 Usage: python -m bench.serving [--requests N] [--concurrency 1,16]
 """
 
@@ -176,7 +178,7 @@ def routing(config, store) -> dict:
 # --------------------------------------------------------------------------- (3) swap under load
 
 
-def swap_under_load(url: str, config, model: str, record: dict, clients: int) -> dict:
+def swap_under_load(url: str, config, model: str, record: dict, clients: int, quiet_s: float = 10) -> dict:
     from senmon.serve.swap import swap
 
     results: list[tuple[float, float, int]] = []
@@ -195,11 +197,11 @@ def swap_under_load(url: str, config, model: str, record: dict, clients: int) ->
     threads = [threading.Thread(target=load, args=(f"The licence {i}",)) for i in range(clients)]
     for thread in threads:
         thread.start()
-    time.sleep(10)
+    time.sleep(quiet_s)
     started = time.monotonic()
     timings = swap(config, model, record)
     ended = time.monotonic()
-    time.sleep(10)
+    time.sleep(quiet_s)
     stop.set()
     for thread in threads:
         thread.join()
@@ -252,7 +254,7 @@ def main() -> None:
 
     tokenizer = tokenizer_json(config)
     registry = get_or_create_registry(config.storage_root, name=f"bench-registry-{uuid.uuid4().hex[:6]}")
-    for seed, ppl in ((1, 50.0), (2, 40.0)):
+    for seed, ppl in ((1, 50.0), (2, 40.0), (3, 30.0)):
         path = tiny_checkpoint(Path(args.storage) / f"law-{seed}", tokenizer, hidden_size=args.hidden, layers=2,
                                max_len=256, seed=seed)
         ray.get(registry.register.remote("law", f"bench-{seed}", path, {"val_ppl": ppl}, {}, {}))
@@ -271,9 +273,14 @@ def main() -> None:
     print(f"(1) overhead (load average {load_before[0]:.1f})", flush=True)
     over = overhead(served.url, "law", "senmon-bench-law-v1", law_prompts, auto_prompts, levels)
     load_after = os.getloadavg()
-    print("(3) swap under load", flush=True)
-    record = ray.get(registry.promote.remote("law", 2, 0.01))
-    swapped = swap_under_load(served.url, config, "law", record, clients=8)
+    print("(3) swaps under load: in place, rollback in place, blue/green", flush=True)
+    swaps = {"in_place": swap_under_load(served.url, config, "law", ray.get(registry.promote.remote("law", 2, 0.01)),
+                                         clients=8),
+             "rollback_in_place": swap_under_load(served.url, config, "law",
+                                                  ray.get(registry.rollback.remote("law", 1)), clients=8)}
+    blue_green = config.model_copy(update={"serve": config.serve.model_copy(update={"in_place_swap": False})})
+    swaps["blue_green"] = swap_under_load(served.url, blue_green, "law", ray.get(registry.promote.remote("law", 3, 0.01)),
+                                          clients=8)
     shutdown(config)
     ray.kill(registry)
 
@@ -287,18 +294,24 @@ def main() -> None:
                 [[d, v["documents"], f"{v['test_documents']:.3f}", f"{v['test_snippets_100']:.3f}",
                   f"{v['unseen_prompts']:.2f}"] for d, v in routed["per_domain"].items()]))
     print(f"routing latency per prompt: p50 {routed['latency_ms']['p50']:.3f} ms, p99 {routed['latency_ms']['p99']:.3f} ms")
-    print("\nSwap law v1 -> v2 under load (8 clients)")
-    print(table(["phase", "requests", "failed", "p50 ms", "p99 ms"],
-                [[p, swapped[p]["requests"], swapped[p]["failed"], f"{swapped[p]['p50_ms']:.0f}", f"{swapped[p]['p99_ms']:.0f}"]
-                 for p in ("before", "during", "after", "total")]))
-    print(f"swap: new engine up in {swapped['swap']['start_s']:.1f} s, warm {swapped['swap']['warm_s']:.2f} s, "
-          f"switched at {swapped['swap']['switched_at_s']:.1f} s, total {swapped['swap']['total_s']:.1f} s")
+    print("\nSwaps under load (8 clients): law v1 -> v2 in place, v2 -> v1 rolled back in place, v1 -> v3 blue/green")
+    rows = []
+    for kind, result in swaps.items():
+        for phase in ("before", "during", "after"):
+            r = result[phase]
+            rows.append([kind, f"{result['swap']['total_s']:.2f}", phase, r["requests"], r["failed"],
+                         f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
+                         f"{r['p99_ms'] / max(result['before']['p99_ms'], 1e-9):.2f}"])
+    print(table(["swap", "swap s", "phase", "requests", "failed", "p50 ms", "p99 ms", "p99 / before"], rows))
+    print(f"in place vs blue/green swap time: {swaps['in_place']['swap']['total_s']:.2f} s vs "
+          f"{swaps['blue_green']['swap']['total_s']:.1f} s "
+          f"(ratio {swaps['in_place']['swap']['total_s'] / swaps['blue_green']['swap']['total_s']:.3f})")
     path = write_results("serving", {"model": shape, "max_tokens": MAX_TOKENS, "overhead": over,
                                      "load_average_1m": {"before_overhead": load_before[0], "after_overhead": load_after[0],
                                                          "cores": os.cpu_count()},
                                      "auto_prompts_routed_to_law": f"{len(auto_prompts)}/{len(law_prompts)}",
                                      "routing": routed,
-                                     "swap": swapped, "deploy_timings": served.timings})
+                                     "swaps": swaps, "deploy_timings": served.timings})
     print(f"\nresults: {path}")
     try:
         serve.shutdown()

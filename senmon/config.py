@@ -300,6 +300,9 @@ class ServeConfig(_Strict):
                           description="Serve application of the router; specialists run as '<app_name>-<model>-v<N>'.")
     confidence_threshold: float = Field(
         0.5, ge=0, le=1, description="With model 'auto', a best score below this goes to the generalist.")
+    quality_aware: bool = Field(
+        True, description="With model 'auto', send a request to a specialist only when its serving version's "
+                          "validation perplexity on its own domains beats the generalist's serving version there.")
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait for its engine.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when a model has no healthy replica.")
     default_max_tokens: int | None = Field(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -93,6 +94,7 @@ class Decision:
     route: str  # "auto", "named", or "fallback" (auto, sent to the generalist)
     best: str | None = None  # the routing model's first choice
     reason: str = ""
+    compared: dict | None = None  # auto: the validation perplexities weighed against the fallback's
 
     def headers(self) -> dict[str, str]:
         return {"x-senmon-specialist": self.specialist, "x-senmon-version": str(self.version),
@@ -217,7 +219,7 @@ class Router:
             record = await self.registry.current.remote(model)
             if record is not None:
                 entry = {"app": app_name(self.config, model, record["version"]), "version": record["version"],
-                         "path": record["path"]}
+                         "path": record["path"], "quality": (record.get("metrics") or {}).get("val_ppl_by_domain")}
                 await self.table.set_if_absent.remote(model, entry)
         self.epoch = -1
         await self._poll()
@@ -261,14 +263,40 @@ class Router:
             chosen, route, reason = self.generalist, "fallback", f"{best} has no serving version"
         else:
             chosen, route, reason = best, "auto", f"confidence {confidence:.2f}"
+        compared = self.compare_with_fallback(best) if best in self.entries else None
+        if route == "auto" and compared is not None and not compared["beats_fallback"]:
+            chosen, route = self.generalist, "fallback"
+            reason += (f"; {best} v{compared['version']} (validation perplexity {compared['specialist_val_ppl']:.1f} "
+                       f"on its domains) does not beat {self.generalist} v{compared['fallback_version']} "
+                       f"({compared['fallback_val_ppl']:.1f})")
         if chosen == self.generalist and chosen not in self.entries and best in self.entries:
             chosen, route, reason = best, "auto", reason + "; no generalist serving, so the best specialist answers"
-        return Decision(chosen, self._version(chosen), confidence, elapsed, route, best, reason)
+        return Decision(chosen, self._version(chosen), confidence, elapsed, route, best, reason, compared)
+
+    def compare_with_fallback(self, specialist: str) -> dict | None:
+        """The serving versions' validation perplexity on `specialist`'s domains (geometric mean over
+        them) against the generalist's; None when either is unknown or the check is off."""
+        if not self.config.serve.quality_aware or specialist == self.generalist:
+            return None
+        mine, fallback = self.entries.get(specialist) or {}, self.entries.get(self.generalist) or {}
+        domains = self.config.specialist(specialist).domains
+        ours, theirs = mine.get("quality") or {}, fallback.get("quality") or {}
+        if not all(d in ours and d in theirs for d in domains):
+            return None
+
+        def mean(values: list[float]) -> float:
+            return math.exp(sum(math.log(v) for v in values) / len(values))
+
+        specialist_ppl, fallback_ppl = mean([ours[d] for d in domains]), mean([theirs[d] for d in domains])
+        return {"version": mine.get("version"), "specialist_val_ppl": specialist_ppl,
+                "fallback_version": fallback.get("version"), "fallback_val_ppl": fallback_ppl,
+                "beats_fallback": specialist_ppl < fallback_ppl}
 
     def explain(self, text: str) -> dict:
         decision = self.decide(AUTO, text)
         scores = self.routing.route([text])[0].scores if self.routing is not None and text.strip() else {}
         return {**asdict(decision), "threshold": self.config.serve.confidence_threshold,
+                "quality_aware": self.config.serve.quality_aware,
                 "scores": dict(sorted(scores.items(), key=lambda kv: -kv[1]))}
 
     # ----------------------------------------------------------------- generation

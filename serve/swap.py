@@ -105,8 +105,13 @@ def warm(model: str, name: str, timeout_s: float = 300.0) -> float:
     return time.monotonic() - started
 
 
+def quality(record: dict) -> dict | None:
+    """The version's validation perplexity per domain, which `auto` routing compares (serve/router.py)."""
+    return (record.get("metrics") or {}).get("val_ppl_by_domain")
+
+
 def switch(config: SenmonConfig, model: str, record: dict, name: str, table=None) -> int:
-    entry = {"app": name, "version": record["version"], "path": record["path"]}
+    entry = {"app": name, "version": record["version"], "path": record["path"], "quality": quality(record)}
     return ray.get(_table(config, table).set.remote(model, entry))
 
 
@@ -194,7 +199,8 @@ def swap_in_place(config: SenmonConfig, model: str, record: dict, old: dict, tab
     if problem:
         raise CheckpointRefused(f"{model} v{record['version']} refused: {problem}")
     checked = time.monotonic() - started
-    entry = {**old, "version": record["version"], "path": record["path"], "reference": reference}
+    entry = {**old, "version": record["version"], "path": record["path"], "reference": reference,
+             "quality": quality(record)}
     ray.get(table.set.remote(model, entry))
     timeout = config.serve.drain_timeout_s + 30
     try:

@@ -220,3 +220,51 @@ def test_openapi_declares_the_request_bodies():
 
     walk(schema)
     assert {ref.rsplit("/", 1)[-1] for ref in refs} <= set(components)
+
+
+class _Route:
+    def __init__(self, specialist, confidence):
+        self.specialist, self.confidence, self.scores = specialist, confidence, {specialist: confidence}
+
+
+class _Routing:  # the routing model's interface, fixed answers
+    def __init__(self, specialist, confidence):
+        self.answer = _Route(specialist, confidence)
+
+    def route(self, texts):
+        return [self.answer for _ in texts]
+
+
+def _router(make_config, law_ppl: float, fallback_ppl: float | None, quality_aware: bool = True):
+    from senmon.serve.router import Router
+
+    config = make_config()
+    config = config.model_copy(update={"serve": config.serve.model_copy(update={"quality_aware": quality_aware})})
+    router = Router.__new__(Router)
+    router.config, router.generalist = config, config.generalist.name
+    router.models = [s.name for s in config.specialists] + [router.generalist]
+    router.routing = _Routing("law", 0.97)
+    router.entries = {"law": {"app": "a-law", "version": 3, "quality": {"law": law_ppl, "code": 500.0}},
+                      router.generalist: {"app": "a-g", "version": 1,
+                                          "quality": None if fallback_ppl is None else {"law": fallback_ppl}}}
+    return router
+
+
+def test_auto_sends_to_a_specialist_only_where_it_beats_the_fallback(make_config):
+    better = _router(make_config, law_ppl=40.0, fallback_ppl=60.0).decide("auto", "GNU General Public License")
+    assert (better.specialist, better.route) == ("law", "auto")
+    assert better.compared == {"version": 3, "specialist_val_ppl": pytest.approx(40.0), "fallback_version": 1,
+                               "fallback_val_ppl": pytest.approx(60.0), "beats_fallback": True}
+
+    router = _router(make_config, law_ppl=70.0, fallback_ppl=60.0)
+    worse = router.decide("auto", "GNU General Public License")
+    assert (worse.specialist, worse.route, worse.best) == (router.generalist, "fallback", "law")
+    assert "law v3 (validation perplexity 70.0 on its domains) does not beat generalist v1 (60.0)" in worse.reason
+    explained = router.explain("GNU General Public License")
+    assert explained["compared"]["beats_fallback"] is False and explained["quality_aware"] is True
+
+    assert router.decide("law", "x").specialist == "law"  # a model named directly is never second-guessed
+    off = _router(make_config, law_ppl=70.0, fallback_ppl=60.0, quality_aware=False).decide("auto", "GPL")
+    assert off.specialist == "law" and off.compared is None
+    unknown = _router(make_config, law_ppl=70.0, fallback_ppl=None).decide("auto", "GPL")
+    assert unknown.specialist == "law" and unknown.compared is None  # no numbers: routing alone decides
