@@ -520,8 +520,14 @@ class Router:
         self.keys.check_admin(request.headers.get("authorization"))
         body = await self._json(request)
         body = body if isinstance(body, dict) else {}
+        wait = body.get("wait", True)
+        if not isinstance(wait, bool):
+            raise ApiError(400, "'wait' must be true or false", param="wait", code="invalid_value")
         if action == "reload":
-            results = await sync_task.remote(self.config.model_dump(mode="json"), self.registry, self.table)
+            ref = sync_task.remote(self.config.model_dump(mode="json"), self.registry, self.table)
+            if not wait:
+                return await self._follow_later(ref, {"action": "reload"}, after=self.table.bump_routing)
+            results = await ref
             await self.table.bump_routing.remote()
             return {"action": "reload", "swaps": results}
         model = body.get("specialist") or body.get("model")
@@ -548,15 +554,53 @@ class Router:
             if isinstance(cause, RegistryError):
                 raise ApiError(409, str(cause.args[0] if cause.args else cause), code="registry_refused") from None
             raise
+        ref = run_swap_task.remote(self.config.model_dump(mode="json"), model, record, self.table, self.registry,
+                                   before["version"] if before else None)
+        if not wait:
+            return await self._follow_later(ref, {"action": action, "record": record})
         try:
-            swap = await run_swap_task.remote(self.config.model_dump(mode="json"), model, record, self.table,
-                                              self.registry, before["version"] if before else None)
+            swap = await ref
         except ray.exceptions.RayTaskError as error:
             cause = getattr(error, "cause", None)
             if isinstance(cause, SwapError):
                 raise ApiError(409, str(cause.args[0]), code="swap_refused") from None
             raise
         return {"action": action, "record": record, "swap": swap}
+
+    async def _follow_later(self, ref, answer: dict, after=None) -> JSONResponse:
+        """`"wait": false`: answer 202 at once with a swap id; the outcome lands in the serving table,
+        where any router replica can read it (GET /admin/swaps/{id})."""
+        swap_id = uuid.uuid4().hex[:12]
+        state = {"id": swap_id, "status": "running", "started_at": time.time(), **answer}
+        await self.table.record_swap.remote(swap_id, state)
+
+        async def follow():
+            from senmon.serve.swap import SwapError
+
+            try:
+                result, status, error = await ref, "done", None
+                if after is not None:
+                    await after.remote()
+            except ray.exceptions.RayTaskError as failure:
+                cause = getattr(failure, "cause", None)
+                result, status = None, "refused" if isinstance(cause, SwapError) else "failed"
+                error = str(cause.args[0]) if isinstance(cause, SwapError) else f"{type(cause).__name__}: {cause}"
+            except Exception as failure:
+                result, status, error = None, "failed", f"{type(failure).__name__}: {failure}"
+            await self.table.record_swap.remote(swap_id, {**state, "status": status, "result": result, "error": error,
+                                                          "ended_at": time.time()})
+
+        self.followers = [t for t in getattr(self, "followers", []) if not t.done()]
+        self.followers.append(asyncio.get_running_loop().create_task(follow()))
+        return JSONResponse({**state, "follow": f"/admin/swaps/{swap_id}"}, status_code=202)
+
+    @app.get("/admin/swaps/{swap_id}")
+    async def http_swap(self, swap_id: str, request: Request):
+        self.keys.check_admin(request.headers.get("authorization"))
+        state = await self.table.swap_state.remote(swap_id)
+        if state is None:
+            raise ApiError(404, f"no swap with id '{swap_id}'", param="swap_id", code="not_found")
+        return state
 
     @app.post("/admin/promote")
     async def http_promote(self, request: Request):

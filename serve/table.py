@@ -27,6 +27,7 @@ class ServingTable:
         self.epoch = 0
         self.routers: dict[str, dict] = {}  # replica id -> {"seen", "epoch", "inflight"}
         self.engines: dict[str, dict] = {}  # engine replica id -> {"seen", "app", "version", "refused", ...}
+        self.swaps: dict[str, dict] = {}  # admin swap id -> {"status", "result", "error", ...}
         self.swapping: set[str] = set()
         self.routing_gen = 0  # bumped to make every router replica reload the routing model
 
@@ -88,6 +89,17 @@ class ServingTable:
         for replica in [r for r, s in self.engines.items() if now - s["seen"] > 10 * LIVE_S]:
             del self.engines[replica]  # long gone
         return [{**s, "replica": r} for r, s in self.engines.items() if s["app"] == app and now - s["seen"] < LIVE_S]
+
+    # ----------------------------------------------------------------- admin swaps followed by id
+
+    def record_swap(self, swap_id: str, state: dict) -> None:
+        self.swaps[swap_id] = dict(state)
+        while len(self.swaps) > 200:  # the oldest first
+            del self.swaps[next(iter(self.swaps))]
+
+    def swap_state(self, swap_id: str) -> dict | None:
+        state = self.swaps.get(swap_id)
+        return dict(state) if state is not None else None
 
     # ----------------------------------------------------------------- one swap per model at a time
 

@@ -406,10 +406,20 @@ def test_in_place_promotion_and_rollback_under_load(served):
     reports = ray.get(table.engine_reports.remote("stest-law-v1"))
     assert reports and all(r["version"] == new["version"] and not r["refused"] for r in reports), reports
 
-    with Load(served, "law") as load:
-        rolled = post(served, "/admin/rollback", {"specialist": "law", "version": serving["version"]}, key=ADMIN_KEY)
-    assert rolled.status_code == 200, rolled.text
-    assert rolled.json()["swap"]["kind"] == "in_place" and rolled.json()["swap"]["total_s"] < 5
+    with Load(served, "law") as load:  # this time the admin call returns at once with a handle to follow
+        started = post(served, "/admin/rollback", {"specialist": "law", "version": serving["version"], "wait": False},
+                       key=ADMIN_KEY)
+        assert started.status_code == 202 and started.json()["status"] == "running", started.text
+        follow = started.json()["follow"]
+        deadline = time.monotonic() + 60
+        while (state := httpx.get(deployment.url + follow, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                                  timeout=30).json())["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert state["status"] == "done" and state["result"]["kind"] == "in_place", state
+    assert state["result"]["total_s"] < 5 and state["record"]["version"] == serving["version"]
+    assert httpx.get(deployment.url + follow.replace(state["id"], "nope"),
+                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).status_code == 404
+    assert httpx.get(deployment.url + follow, timeout=30).status_code == 401  # admin key required
     assert all(status == 200 for status, _, _ in load.results), load.results
     assert load.versions() == [str(new["version"]), str(serving["version"])], load.versions()
 
