@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 
+from senmon.metrics import record_promotion, record_rollback, record_serving
 from senmon.storage import filesystem, read_bytes, write_atomic
 
 STATUSES = ("candidate", "serving", "retired", "rejected", "rolled_back")
@@ -154,6 +155,7 @@ class ModelRegistry:
                 self.state = RegistryState(json.loads(data)["specialists"])
             except (ValueError, KeyError) as error:  # never start empty over a damaged file
                 raise RegistryError(f"{self.path} is not a valid registry file: {error}") from None
+        record_serving(self.state.records)
 
     def _apply(self, change: str, *args, **kwargs) -> dict:
         trial = RegistryState(copy.deepcopy(self.state.records))
@@ -161,16 +163,21 @@ class ModelRegistry:
         payload = {"format": 1, "written_at": _now(), "specialists": trial.records}
         write_atomic(self.fs, self.path, json.dumps(payload, indent=1, ensure_ascii=False).encode("utf-8"))
         self.state = trial
+        record_serving(self.state.records)
         return result
 
     def register(self, specialist: str, run_id: str, path: str, metrics: dict, sizing: dict, data: dict) -> dict:
         return self._apply("register", specialist, run_id, path, metrics, sizing, data)
 
     def promote(self, specialist: str, version: int, margin: float, metric: str = "val_ppl", force: bool = False) -> dict:
-        return self._apply("promote", specialist, version, margin, metric=metric, force=force)
+        record = self._apply("promote", specialist, version, margin, metric=metric, force=force)
+        record_promotion(specialist, record["status"])
+        return record
 
     def rollback(self, specialist: str, version: int | None = None) -> dict:
-        return self._apply("rollback", specialist, version)
+        record = self._apply("rollback", specialist, version)
+        record_rollback(specialist)
+        return record
 
     def refuse(self, specialist: str, version: int, reason: str, restore: int | None = None) -> dict | None:
         return self._apply("refuse", specialist, version, reason, restore)

@@ -31,6 +31,7 @@ import uuid
 import ray
 
 from senmon.config import SenmonConfig, parse_config
+from senmon.metrics import record_training_run
 from senmon.storage import filesystem, read_bytes, write_atomic
 
 SCHEDULER_ACTOR = "senmon-scheduler"
@@ -203,6 +204,7 @@ class Scheduler:
                         self.background.append(run_hook.remote(self.router_hook, self.config_data))
                     run.update(ended_at=_now(), ended_ts=time.time())
                     self._save()
+                    record_training_run(name, reason, run["outcome"], time.time() - run["started_ts"])
                     break
                 except Exception as error:  # recorded, then retried; the serving version is untouched
                     cause = getattr(error, "cause", None) or error
@@ -210,6 +212,7 @@ class Scheduler:
                     run.update(outcome="swap_refused" if refused else "failed", ended_at=_now(),
                                reason=f"{type(cause).__name__}: {cause}")
                     self._save()
+                    record_training_run(name, reason, run["outcome"], time.time() - run["started_ts"])
                     if refused:  # trained and registered; serving refused it (the registry says why): no retrain
                         log.warning("%s v%s was not served: %s", name, run["version"], run["reason"])
                         break

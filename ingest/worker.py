@@ -32,6 +32,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata
 
+from senmon.metrics import record_ingest_documents, record_ingest_lag
+
 from .contract import Rejection, Routing, check_message, dead_letter_headers, route
 from .ledger import Ledger, fingerprint, shard_name
 from .metrics import WorkerMetrics
@@ -239,6 +241,7 @@ class IngestWorker:
                 self.documents.update(manifest["documents"])
                 self.dead_letters.update(manifest["dead_letters"])
                 for domain, count in manifest["documents"].items():
+                    record_ingest_documents(domain, count)
                     for specialist in self.specialists_of.get(domain, []):
                         self.metrics.documents.inc(count, {"specialist": specialist})
                 for domain, count in manifest["duplicates_by_domain"].items():
@@ -338,6 +341,7 @@ class IngestWorker:
                 partitions[p] = {"position": position, "committed": self.committed.get(p), "highwater": highwater,
                                  "lag": highwater - position if highwater is not None and position is not None else None,
                                  "worker": self.worker}
+                record_ingest_lag(self.topic, p, partitions[p]["lag"])
             return {"worker": self.worker, "partitions": partitions, "state": self.state, "errors": self.errors,
                     "last_error": self.last_error, "batches": self.batches, "totals": dict(self.totals),
                     "documents": dict(self.documents), "dead_letters": dict(self.dead_letters),

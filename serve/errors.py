@@ -16,6 +16,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from senmon.metrics import record_error
+
 log = logging.getLogger("senmon.serve")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -38,6 +40,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
+        record_error(self.status, self.code)  # every error the HTTP API answers goes through here
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 

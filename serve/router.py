@@ -46,6 +46,7 @@ from ray import serve
 from starlette.responses import JSONResponse, StreamingResponse
 
 from senmon.config import SenmonConfig, load_config, parse_config
+from senmon.metrics import record_decision, record_error, record_request
 from senmon.serve.auth import Keys
 from senmon.serve.errors import ApiError, from_validation, install, responses, unavailable
 from senmon.serve.validation import (body_doc, check_max_tokens, parse_json, read_limited, request_schemas,
@@ -125,6 +126,12 @@ def _engine_error(error, model: str, max_model_len: int, kind: str) -> ApiError:
     if status == 404:
         return ApiError(404, message, param="model", code="model_not_found")
     return ApiError(status if 400 <= status < 600 else 500, message, param=info.param, code=str(info.type or ""))
+
+
+def _count(decision: Decision | None, error: BaseException | None = None) -> None:
+    """One generation request in the metrics: who answered, the route, and the status it ended with."""
+    status = 200 if error is None else error.status if isinstance(error, ApiError) else 500
+    record_request(decision.specialist if decision else None, decision.route if decision else None, status)
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
@@ -316,6 +323,7 @@ class Router:
                 raise
             raise client from None
         decision = self.decide(body.get("model"), prompt_text(kind, body))
+        record_decision(decision)
         check_max_tokens(body, decision.specialist, self._max_model_len(decision.specialist))
         default = self.config.serve.default_max_tokens
         if default and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
@@ -369,10 +377,16 @@ class Router:
         raise AssertionError("unreachable")
 
     async def generate(self, kind: str, body: Any) -> tuple[dict, Decision]:
-        request, decision = self._request(kind, body)
-        if request.stream:
-            request = request.model_copy(update={"stream": False})
-        first, stream, release = await self._start(kind, request, decision)
+        decision = None
+        try:
+            request, decision = self._request(kind, body)
+            if request.stream:
+                request = request.model_copy(update={"stream": False})
+            first, stream, release = await self._start(kind, request, decision)
+        except Exception as error:
+            _count(decision, error)
+            raise
+        _count(decision)
         release()
         result = first.model_dump(mode="json")
         result.pop("senmon_version", None)
@@ -381,9 +395,15 @@ class Router:
 
     async def generate_stream(self, kind: str, body: Any) -> tuple[AsyncIterator[str], Decision]:
         """SSE text chunks; the first event carries the `senmon` field."""
-        request, decision = self._request(kind, body)
-        request = request.model_copy(update={"stream": True})
-        first, stream, release = await self._start(kind, request, decision)
+        decision = None
+        try:
+            request, decision = self._request(kind, body)
+            request = request.model_copy(update={"stream": True})
+            first, stream, release = await self._start(kind, request, decision)
+        except Exception as error:
+            _count(decision, error)
+            raise
+        _count(decision)
         meta = asdict(decision)
 
         def tag(packet: str) -> str:
@@ -402,6 +422,7 @@ class Router:
                 return item
             if type(item).__name__ == "ErrorResponse":
                 error = _engine_error(item, decision.specialist, self._max_model_len(decision.specialist), kind)
+                record_error(error.status, error.code)
                 return "data: " + json.dumps(error.body()) + "\n\n"
             return f"data: {item.model_dump_json()}\n\n"
 
@@ -417,6 +438,7 @@ class Router:
                     yield packet
             except _unavailable_errors():
                 error = unavailable(f"'{decision.specialist}' went away mid-stream", self.config.serve.retry_after_s)
+                record_error(error.status, error.code)
                 yield "data: " + json.dumps(error.body()) + "\n\n"
             finally:
                 release()

@@ -41,6 +41,7 @@ import ray
 from ray import serve
 
 from senmon.config import SenmonConfig
+from senmon.metrics import record_swap
 from senmon.serve.specialist import ENGINE_PREFIX, app_name, build_specialist_app
 
 log = logging.getLogger("senmon.serve")
@@ -247,6 +248,7 @@ def swap(config: SenmonConfig, model: str, record: dict, table=None) -> dict:
                     timings["total_s"] = time.monotonic() - started
                     log.info("%s: v%s -> v%s in place in %.2f s", model, old["version"], record["version"],
                              timings["total_s"])
+                    record_swap(model, "in_place", "done", timings["total_s"])
                     return {**timings, **result, "changed": True}
                 except CheckpointRefused:
                     raise
@@ -271,8 +273,11 @@ def swap(config: SenmonConfig, model: str, record: dict, table=None) -> dict:
             serve.delete(old["app"])
         timings["total_s"] = time.monotonic() - started
         log.info("%s: v%s -> v%s in %.1f s", model, timings["from_version"], record["version"], timings["total_s"])
+        record_swap(model, "blue_green", "done", timings["total_s"])
         return {**timings, "kind": "blue_green", "changed": True, "app": new_app}
     except Exception as error:
+        record_swap(model, "blue_green" if new_app else "in_place",
+                    "refused" if isinstance(error, CheckpointRefused) else "failed", time.monotonic() - started)
         if new_app and not switched and not (old and old["app"] == new_app):
             try:
                 serve.delete(new_app)  # the old version keeps serving; leave nothing half started
