@@ -149,6 +149,24 @@ class IngestConfig(_Strict):
 # --------------------------------------------------------------------------- http
 
 
+class RateLimitConfig(_Strict):
+    """Per-key rate limit on `/v1/*` (serve/ratelimit.py): a token bucket per API key, or per client
+    host when no API key is configured. Kept by each router replica on its own: with N router
+    replicas a caller may get up to N times this. `/admin/*` and `/health` are not limited."""
+
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="Sustained requests per minute per key; None: no limit. Over it: 429 with Retry-After.")
+    burst: int | None = Field(
+        None, ge=1, description="Bucket size: requests a key may send at once after being idle; "
+                                "None: requests_per_minute (a whole minute's worth).")
+
+    @model_validator(mode="after")
+    def _burst_needs_a_rate(self) -> "RateLimitConfig":
+        if self.burst is not None and self.requests_per_minute is None:
+            raise ValueError("burst has no effect without requests_per_minute: set both, or neither for no limit")
+        return self
+
+
 class HttpConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -160,6 +178,7 @@ class HttpConfig(_Strict):
         1_048_576, ge=1024, description="Largest request body the router reads; larger gets 413, decided from "
                                         "Content-Length before reading, or while reading a chunked body.")
     max_json_depth: int = Field(64, ge=4, le=1000, description="Deepest JSON nesting accepted; deeper gets 400.")
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
     def resolved_keys(self) -> tuple[list[str], list[str]]:
         """(api keys, admin keys), from the file and the environment."""

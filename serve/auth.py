@@ -42,15 +42,17 @@ class Keys:
     def _matches(token: str, keys: list[str]) -> bool:
         return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
 
-    def check_api(self, authorization: str | None) -> None:
+    def check_api(self, authorization: str | None) -> str | None:
+        """401 unless the header carries a valid key; returns that key (None when the API is open)."""
         if self.open:
-            return
+            return None
         token = self._bearer(authorization)
         if token is None:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
         if not self._matches(token, self.api_keys + self.admin_keys):
             raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return token
 
     def check_admin(self, authorization: str | None) -> None:
         if not self.admin_keys:

@@ -61,7 +61,8 @@ def responses(*statuses: int) -> dict:
     """OpenAPI `responses` for a route: the error body under each status it can answer."""
     said = {400: "invalid request: the message and `param` name the field", 401: "missing or wrong API key",
             403: "not allowed with this key", 404: "unknown model", 409: "refused by the registry or the swap",
-            413: "request body over `http.max_request_bytes`", 503: "no serving version or healthy replica; "
+            413: "request body over `http.max_request_bytes`", 429: "over this key's `http.rate_limit`; "
+            "`Retry-After` says when to try again", 503: "no serving version or healthy replica; "
             "`Retry-After` says when to try again"}
     return {status: {"model": ErrorBody, "description": said.get(status, "error")} for status in statuses}
 
@@ -72,6 +73,10 @@ def _rebuild(status, message, param, code, type, headers) -> ApiError:
 
 def unavailable(message: str, retry_after: int, code: str = "model_unavailable") -> ApiError:
     return ApiError(503, message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+def rate_limited(message: str, retry_after: int) -> ApiError:
+    return ApiError(429, message, code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}

@@ -16,7 +16,7 @@ which it polls in the background. It counts its requests in flight per applicati
 them, so a swap can drain the old version before removing it. A request that finds its
 application gone because a swap just removed it is retried once on the new one.
 
-The same calls work in-process through the Serve handle, without HTTP or keys:
+The same calls work in-process through the Serve handle, without HTTP, keys or rate limits:
     handle = serve.get_app_handle("senmon")
     await handle.chat.remote({"model": "auto", "messages": [...]})           # -> dict
     await handle.completions.remote({"model": "law", "prompt": "..."})      # -> dict
@@ -48,7 +48,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from senmon.config import SenmonConfig, load_config, parse_config
 from senmon.metrics import record_decision, record_error, record_request
 from senmon.serve.auth import Keys
-from senmon.serve.errors import ApiError, from_validation, install, responses, unavailable
+from senmon.serve.errors import ApiError, from_validation, install, rate_limited, responses, unavailable
+from senmon.serve.ratelimit import RateLimiter, client_key
 from senmon.serve.validation import (body_doc, check_max_tokens, parse_json, read_limited, request_schemas,
                                      validate_body)
 from senmon.serve.specialist import ENGINE_PREFIX
@@ -181,6 +182,7 @@ class Router:
 
         self.config = as_config(config)
         self.keys = Keys.from_config(self.config.http)
+        self.limiter = RateLimiter.from_config(self.config.http.rate_limit)  # None: no limit
         namespace = self.config.ray.namespace
         self.registry = registry if not isinstance(registry, (str, type(None))) else \
             ray.get_actor(registry or REGISTRY_ACTOR, namespace=namespace)
@@ -492,8 +494,20 @@ class Router:
         raw = await read_limited(request.headers.get("content-length"), request.stream(), http.max_request_bytes)
         return parse_json(raw, http.max_json_depth)
 
+    def _check_api(self, request: Request) -> None:
+        """Every /v1 route: 401 without a valid key, then 429 over the key's `http.rate_limit` (per key; per
+        client host when the API is open). Buckets are this replica's own (serve/ratelimit.py)."""
+        token = self.keys.check_api(request.headers.get("authorization"))
+        limiter = getattr(self, "limiter", None)
+        if limiter is None:
+            return
+        wait = limiter.check(client_key(token, request.client.host if request.client else None))
+        if wait is not None:
+            raise rate_limited(f"rate limit exceeded: {limiter.requests_per_minute} requests per minute per caller "
+                               f"(burst {limiter.burst}); retry after {wait} s", wait)
+
     async def _http_generate(self, kind: str, request: Request):
-        self.keys.check_api(request.headers.get("authorization"))
+        self._check_api(request)
         body = await self._json(request)
         if isinstance(body, dict) and body.get("stream"):
             events, decision = await self.generate_stream(kind, body)
@@ -501,30 +515,32 @@ class Router:
         result, decision = await self.generate(kind, body)
         return JSONResponse(result, headers=decision.headers())
 
-    @app.post("/v1/chat/completions", openapi_extra=body_doc("chat"), responses=responses(400, 401, 404, 413, 503))
+    @app.post("/v1/chat/completions", openapi_extra=body_doc("chat"),
+              responses=responses(400, 401, 404, 413, 429, 503))
     async def http_chat(self, request: Request):
         return await self._http_generate("chat", request)
 
-    @app.post("/v1/completions", openapi_extra=body_doc("completions"), responses=responses(400, 401, 404, 413, 503))
+    @app.post("/v1/completions", openapi_extra=body_doc("completions"),
+              responses=responses(400, 401, 404, 413, 429, 503))
     async def http_completions(self, request: Request):
         return await self._http_generate("completions", request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=responses(401, 429))
     async def http_models(self, request: Request):
-        self.keys.check_api(request.headers.get("authorization"))
+        self._check_api(request)
         return {"object": "list", "data": await self.list_models()}
 
-    @app.get("/v1/models/{model}")
+    @app.get("/v1/models/{model}", responses=responses(401, 404, 429))
     async def http_model(self, model: str, request: Request):
-        self.keys.check_api(request.headers.get("authorization"))
+        self._check_api(request)
         for card in await self.list_models():
             if card["id"] == model:
                 return card
         raise ApiError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
 
-    @app.post("/v1/route", openapi_extra=body_doc("route"), responses=responses(400, 401, 413))
+    @app.post("/v1/route", openapi_extra=body_doc("route"), responses=responses(400, 401, 413, 429))
     async def http_route(self, request: Request):
-        self.keys.check_api(request.headers.get("authorization"))
+        self._check_api(request)
         body = await self._json(request)
         validate_body("route", body)
         return self.explain(prompt_text("chat" if "messages" in body else "completions", body))

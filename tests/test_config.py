@@ -30,6 +30,7 @@ def test_shipped_embedded_config_is_valid():
 def test_production_example_is_valid(monkeypatch):
     config = load_config(REPO / "configs" / "production.example.yaml")
     assert config.storage_root.startswith("s3://")  # URIs are kept as they are
+    assert (config.http.rate_limit.requests_per_minute, config.http.rate_limit.burst) == (600, 60)
     monkeypatch.setenv("SENMON_KAFKA_PASSWORD", "s3cret")
     kwargs = config.kafka.client_kwargs()
     assert kwargs["security_protocol"] == "SASL_SSL"
@@ -151,3 +152,17 @@ def test_a_local_ray_too_small_for_its_engines_and_a_retraining_job_is_refused(t
     load_config(write(tmp_path, dict(data, storage_root=str(tmp_path), corpus_dir=str(tmp_path))))
     data["ray"].update(num_cpus=2, address="auto")
     load_config(write(tmp_path, dict(data, storage_root=str(tmp_path), corpus_dir=str(tmp_path))))
+
+
+def test_rate_limit_section(make_config):
+    assert make_config().http.rate_limit.requests_per_minute is None  # off in the embedded config
+    limit = make_config(http={"rate_limit": {"requests_per_minute": 600, "burst": 50}}).http.rate_limit
+    assert (limit.requests_per_minute, limit.burst) == (600, 50)
+    assert make_config(http={"rate_limit": {"requests_per_minute": 30}}).http.rate_limit.burst is None
+    for bad, where in (({"requests_per_minute": 0}, "http.rate_limit.requests_per_minute"),
+                       ({"requests_per_minute": "lots"}, "http.rate_limit.requests_per_minute"),
+                       ({"requests_per_minute": 60, "burst": 0}, "http.rate_limit.burst"),
+                       ({"requests_per_minute": 60, "per_hour": 5}, "http.rate_limit.per_hour"),
+                       ({"burst": 10}, "burst has no effect without requests_per_minute")):
+        with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+            make_config(http={"rate_limit": bad})

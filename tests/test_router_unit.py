@@ -202,7 +202,9 @@ def test_openapi_declares_the_request_bodies():
         operation = schema["paths"][path]["post"]
         ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert ref == f"#/components/schemas/{name}"
-        assert {"400", "413"} <= set(operation["responses"])
+        assert {"400", "413", "429"} <= set(operation["responses"])
+    for path in ("/v1/models", "/v1/models/{model}"):
+        assert {"401", "429"} <= set(schema["paths"][path]["get"]["responses"])
     components = schema["components"]["schemas"]
     assert components["CompletionRequest"]["properties"]["n"]["anyOf"][0]["maximum"] == MAX_N
     assert "prompt" in components["CompletionRequest"]["required"]
@@ -268,3 +270,115 @@ def test_auto_sends_to_a_specialist_only_where_it_beats_the_fallback(make_config
     assert off.specialist == "law" and off.compared is None
     unknown = _router(make_config, law_ppl=70.0, fallback_ppl=None).decide("auto", "GPL")
     assert unknown.specialist == "law" and unknown.compared is None  # no numbers: routing alone decides
+
+
+# ----------------------------------------------------------------- rate limits (serve/ratelimit.py)
+
+
+class _Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_limit_burst_then_refill_with_retry_after():
+    from senmon.serve.ratelimit import RateLimiter
+
+    clock = _Clock()
+    limiter = RateLimiter(requests_per_minute=6, burst=3, clock=clock)  # one token per 10 s
+    assert [limiter.check("a") for _ in range(3)] == [None, None, None]  # the burst
+    assert limiter.check("a") == 10  # empty: a whole token away
+    clock.now += 4
+    assert limiter.check("a") == 6  # refused requests spend nothing; 6 s of refill still missing
+    clock.now += 6
+    assert limiter.check("a") is None and limiter.check("a") == 10
+    clock.now += 0.5
+    assert limiter.check("a") == 10  # 9.5 s, rounded up: Retry-After is whole seconds, never 0
+    clock.now += 1000  # a long rest refills to the burst, not beyond
+    assert [limiter.check("a") for _ in range(4)] == [None, None, None, 10]
+
+
+def test_rate_limit_keys_are_isolated_and_open_mode_buckets_by_host():
+    from senmon.serve.ratelimit import RateLimiter, client_key
+
+    limiter = RateLimiter(requests_per_minute=60, burst=1, clock=_Clock())
+    alice, bob = client_key("key-alice", "10.0.0.1"), client_key("key-bob", "10.0.0.1")
+    assert alice != bob and "key-alice" not in alice  # by key, whatever the host; the key itself is not kept
+    assert client_key("key-alice", "10.0.0.9") == alice
+    assert limiter.check(alice) is None and limiter.check(alice) == 1
+    assert limiter.check(bob) is None  # alice's empty bucket is not bob's
+    host = client_key(None, "127.0.0.1")  # no key (the API is open): the client host's bucket
+    assert host == "host:127.0.0.1" and client_key(None, None) == "host:unknown"
+    assert limiter.check(host) is None and limiter.check(client_key(None, "127.0.0.1")) == 1
+    assert limiter.check(client_key(None, "127.0.0.2")) is None
+
+
+def test_rate_limit_memory_is_bounded():
+    from senmon.serve.ratelimit import RateLimiter
+
+    clock = _Clock()
+    limiter = RateLimiter(requests_per_minute=60, burst=2, max_keys=3, clock=clock)  # full again after 2 s
+    for key in ("a", "b", "c"):
+        limiter.check(key)
+    clock.now += 1
+    limiter.check("a")  # a is now the most recently used
+    limiter.check("d")  # no room: the least recently used (b) goes, a and c stay
+    assert len(limiter) == 3 and set(limiter.buckets) == {"c", "a", "d"}
+    clock.now += 1.5  # c has been idle 2.5 s: full again, the same as a new bucket, so it is dropped
+    limiter.check("a")
+    assert set(limiter.buckets) == {"a", "d"}
+    clock.now += 10_000
+    limiter.check("e")  # every idle bucket goes
+    assert set(limiter.buckets) == {"e"}
+
+
+def test_rate_limit_from_config_and_bad_arguments(make_config):
+    from senmon.serve.ratelimit import RateLimiter
+
+    assert RateLimiter.from_config(make_config().http.rate_limit) is None  # off in the embedded config
+    on = RateLimiter.from_config(make_config(http={"rate_limit": {"requests_per_minute": 120}}).http.rate_limit)
+    assert (on.requests_per_minute, on.burst) == (120, 120)  # burst defaults to a minute's worth
+    for args in ((0, 1), (-5, None), (60, 0)):
+        with pytest.raises(ValueError):
+            RateLimiter(*args)
+
+
+class _Request:  # the parts of a starlette Request that the key check reads
+    def __init__(self, authorization=None, host="127.0.0.1"):
+        self.headers = {"authorization": authorization} if authorization else {}
+        self.client = type("Client", (), {"host": host})() if host else None
+
+
+def test_v1_key_check_answers_429_with_retry_after(make_config):
+    import json
+
+    from senmon.serve.router import Router
+    from senmon.serve.ratelimit import RateLimiter
+
+    router = Router.__new__(Router)
+    router.keys, router.limiter = Keys(["k1", "k2"], []), RateLimiter(6, 1, clock=_Clock())
+    router._check_api(_Request("Bearer k1"))
+    with pytest.raises(ApiError) as caught:
+        router._check_api(_Request("Bearer k1", host="10.0.0.2"))  # another host, the same key: the same bucket
+    error = caught.value
+    assert error.status == 429 and error.headers == {"Retry-After": "10"}
+    assert error.body()["error"]["code"] == "rate_limit_exceeded" and error.type == "rate_limit_error"
+    assert "6 requests per minute" in error.message and "retry after 10 s" in error.message
+    response = error.response()
+    assert response.status_code == 429 and response.headers["retry-after"] == "10"
+    assert json.loads(response.body)["error"]["code"] == "rate_limit_exceeded"
+    router._check_api(_Request("Bearer k2"))  # another key has its own bucket
+    with pytest.raises(ApiError) as caught:  # a wrong key is 401 and spends nothing
+        router._check_api(_Request("Bearer nope"))
+    assert caught.value.status == 401 and len(router.limiter) == 2
+
+    router.keys, router.limiter = Keys([], []), RateLimiter(6, 1, clock=_Clock())  # open: by client host
+    router._check_api(_Request("Bearer anything", host="127.0.0.1"))
+    with pytest.raises(ApiError):
+        router._check_api(_Request("Bearer something-else", host="127.0.0.1"))  # a made-up key is no new bucket
+    router._check_api(_Request(host="127.0.0.2"))
+    router.limiter = None  # off: never refused
+    for _ in range(20):
+        router._check_api(_Request())
