@@ -203,7 +203,8 @@ class Scheduler:
                         # in this actor's own (warm) process, on a thread: a fresh task spent ~11 s starting
                         # and importing Serve before an in-place swap of ~1 s (bench/results/freshness.json)
                         run["swap"] = await asyncio.get_running_loop().run_in_executor(
-                            None, call_hook, self.swap_hook, self.config_data, name, record)
+                            None, call_hook, self.swap_hook, self.config_data, name, record, self.registry_name,
+                            self.namespace)
                         run["swap_s"] = time.monotonic() - started
                     if record["status"] == "serving" and self.router_hook:  # the data changed: so may routing
                         self.background = [r for r in self.background if not ray.wait([r], timeout=0)[0]]

@@ -32,7 +32,8 @@ ROUTER_HOOK = "senmon.system:retrain_router"
 RESET_HOOK = "senmon.system:reset_new_data"
 
 
-def swap_on_promotion(config_data: dict, name: str, record: dict) -> dict:
+def swap_on_promotion(config_data: dict, name: str, record: dict, registry_name: str = REGISTRY,
+                      namespace: str | None = None) -> dict:
     """Scheduler hook: serve the newly promoted `record` of `name` (in place or blue/green, no failed request);
     a refused swap leaves the registry on the version that serves."""
     from senmon.actors.registry import get_registry
@@ -40,7 +41,7 @@ def swap_on_promotion(config_data: dict, name: str, record: dict) -> dict:
     from senmon.serve.swap import swap_or_restore
 
     config = as_config(config_data)
-    return swap_or_restore(config, name, record, None, get_registry(REGISTRY, config.ray.namespace))
+    return swap_or_restore(config, name, record, None, get_registry(registry_name, namespace))
 
 
 def retrain_router(config_data: dict) -> dict:
