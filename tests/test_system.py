@@ -57,9 +57,11 @@ def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_
     assert report["answered_by_after"] == str(report["version_after"])  # the new version answers
     assert report["test_ppl_after"] < report["test_ppl_before"]
     assert report["others_unchanged"]
-    assert report["background_requests"] > 20 and report["background_failed"] == 0, report["background_errors"]
+    # clients kept sending throughout; the whole window is seconds now (fast path, in-place swap: 9 s
+    # at these sizes), so a few requests each, none failed
+    assert report["background_requests"] >= 5 and report["background_failed"] == 0, report["background_errors"]
     # requests to the retrained specialist itself kept answering through its swap: old version, then new
-    assert report["swapped_requests"] > 20 and report["swapped_failed"] == 0, report["background_errors"]
+    assert report["swapped_requests"] >= 5 and report["swapped_failed"] == 0, report["background_errors"]
     assert report["swapped_answered_by"] == [str(report["version_before"]), str(report["version_after"])]
     parts = report["freshness"]  # the phases add up to the freshness the demo measured
     assert abs(sum(v for k, v in parts.items() if k != "total_s") - parts["total_s"]) < 1.0, parts
