@@ -378,17 +378,22 @@ class Router:
             return first, stream, release
         raise AssertionError("unreachable")
 
-    async def generate(self, kind: str, body: Any) -> tuple[dict, Decision]:
+    async def _begin(self, kind: str, body: Any, stream: bool):
+        """Validate, route and start one request (streamed or not), counted in the metrics either way;
+        returns (first item, rest of the stream, release callback, decision)."""
         decision = None
         try:
             request, decision = self._request(kind, body)
-            if request.stream:
-                request = request.model_copy(update={"stream": False})
-            first, stream, release = await self._start(kind, request, decision)
+            request = request.model_copy(update={"stream": stream})
+            first, rest, release = await self._start(kind, request, decision)
         except Exception as error:
             _count(decision, error)
             raise
         _count(decision)
+        return first, rest, release, decision
+
+    async def generate(self, kind: str, body: Any) -> tuple[dict, Decision]:
+        first, _, release, decision = await self._begin(kind, body, stream=False)
         release()
         result = first.model_dump(mode="json")
         result.pop("senmon_version", None)
@@ -397,15 +402,7 @@ class Router:
 
     async def generate_stream(self, kind: str, body: Any) -> tuple[AsyncIterator[str], Decision]:
         """SSE text chunks; the first event carries the `senmon` field."""
-        decision = None
-        try:
-            request, decision = self._request(kind, body)
-            request = request.model_copy(update={"stream": True})
-            first, stream, release = await self._start(kind, request, decision)
-        except Exception as error:
-            _count(decision, error)
-            raise
-        _count(decision)
+        first, stream, release, decision = await self._begin(kind, body, stream=True)
         meta = asdict(decision)
 
         def tag(packet: str) -> str:

@@ -206,8 +206,7 @@ def swap_in_place(config: SenmonConfig, model: str, record: dict, old: dict, tab
     timeout = config.serve.drain_timeout_s + 30
     try:
         result = wait_engines(table, old["app"], record["version"], timeout)
-    except SwapError:
-        result = {"done": False, "refused": {}, "error": "timeout"}
+    except SwapError:  # replicas did not report in time: point back at the weights that verified
         ray.get(table.set.remote(model, old))
         raise
     if not result["done"]:

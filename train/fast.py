@@ -77,7 +77,7 @@ def fast_retrain(config: SenmonConfig, name: str, start, new_shards: list[str], 
 
     from .branch import branch_schedule
     from .evaluate import evaluate_directory
-    from .job import TrainResult, _continued_sizing, model_target, pooled_perplexity
+    from .job import TrainResult, _checkpoint_uri, _continued_sizing, model_target, pooled_perplexity
     from .loop import Schedule, train_steps
     from .reference import compute_reference, write_reference
     from .tokenizer import load_tokenizer
@@ -131,8 +131,7 @@ def fast_retrain(config: SenmonConfig, name: str, start, new_shards: list[str], 
     timings["eval_s"] = time.monotonic() - t0
     by_domain = {d: {"perplexity": r.perplexity, "tokens": r.tokens, "documents": r.documents} for d, r in results.items()}
 
-    checkpoint_path = destination if "://" not in config.storage_root else \
-        f"{config.storage_root.split('://', 1)[0]}://{destination}"
+    checkpoint_path = _checkpoint_uri(config.storage_root, destination)
     tokens_seen = final["tokens_seen"]
     vocab_size = len(tokenizer)
     sizing = _continued_sizing(start, tokens_seen, vocab_size,
