@@ -64,14 +64,16 @@ def call_hook(path: str | None, *args):
 
 @ray.remote(num_cpus=0, max_retries=0)
 def retrain_job(config_data: dict, name: str, registry_name: str, namespace: str | None, init: str | None,
-                run_id: str | None, new_shards: list[str] | None = None) -> dict:
+                run_id: str | None, new_shards: list[str] | None = None, progress_board=None) -> dict:
     """One job: train, register, gate. Uses no CPU itself; its training task or workers reserve theirs.
-    `new_shards` (the documents that triggered it) lets a continued version take the fast path."""
+    `new_shards` (the documents that triggered it) lets a continued version take the fast path;
+    `progress_board` (senmon/progress.py) shows the training's progress bar in the driver's terminal."""
     from senmon.train.job import train_and_register
 
     config = parse_config(config_data, source="scheduler")
     registry = ray.get_actor(registry_name, namespace=namespace)
-    return train_and_register(config, name, registry, init=init, run_id=run_id, new_shards=new_shards)
+    return train_and_register(config, name, registry, init=init, run_id=run_id, new_shards=new_shards,
+                              progress_board=progress_board)
 
 
 @ray.remote(num_cpus=0, max_retries=0)

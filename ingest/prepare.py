@@ -5,7 +5,8 @@
 Downloads the source packages with `apt-get download` (no install, no root needed beyond apt's
 package lists), unpacks them with `dpkg-deb -x`, extracts each domain's text, cleans it, drops
 exact duplicates within and across domains, splits by document id (`split_of`), and writes the
-full corpus plus the small slice that ships in the repository, with a manifest.
+full corpus plus the small slice that ships in the repository, with a manifest. In a terminal,
+downloading, unpacking and extracting show progress bars (senmon/progress.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from senmon.progress import bar
 
 from .clean import cjk_ratio, dedupe_key, document_id, normalise_whitespace, split_paragraphs
 from .sources import SOURCES
@@ -35,11 +38,14 @@ def fetch_packages(cache: Path, names: list[str] | None = None) -> tuple[Path, d
     cache.mkdir(parents=True, exist_ok=True)
     root = cache / "root"
     names = sorted(set(names) if names is not None else {p for module in SOURCES.values() for p in module.DEBIAN_PACKAGES})
-    result = subprocess.run(["apt-get", "download", *names], cwd=cache, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"apt-get download failed (run 'apt-get update' first?):\n{result.stderr.strip()}")
+    with bar(names, desc="downloading", unit="package") as packages:  # one at a time, so the bar moves
+        for name in packages:
+            packages.set_postfix_str(name)
+            result = subprocess.run(["apt-get", "download", name], cwd=cache, capture_output=True, text=True)
+            if result.returncode != 0:
+                sys.exit(f"apt-get download failed (run 'apt-get update' first?):\n{result.stderr.strip()}")
     versions = {}
-    for deb in sorted(cache.glob("*.deb")):
+    for deb in bar(sorted(cache.glob("*.deb")), desc="unpacking", unit="package"):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
         name, version = deb.name.split("_")[:2]
         versions[name] = version.replace("%3a", ":")
@@ -58,7 +64,8 @@ def build(root: Path) -> dict[str, list[dict]]:
     corpus: dict[str, list[dict]] = defaultdict(list)
     for domain, module in SOURCES.items():
         source_root = Path("/") if domain == "law" else root  # licences: the machine's own files
-        for source, raw in module.documents(source_root):
+        texts = bar(module.documents(source_root), desc=f"extracting {domain}", unit=" texts")
+        for source, raw in texts:
             for text in split_paragraphs(normalise_whitespace(raw)):
                 key = dedupe_key(text)
                 if not accept(domain, text) or key in seen:

@@ -79,6 +79,7 @@ def cmd_train(args, config: SenmonConfig) -> int:
     import ray
 
     from senmon.ingest.store import DatasetStore
+    from senmon.progress import Relay
     from senmon.train.job import train_and_register
 
     names = [s.name for s in config.specialists] + [config.generalist.name]
@@ -92,7 +93,8 @@ def cmd_train(args, config: SenmonConfig) -> int:
         where = {"seed": f"branched from the seed, {config.generalist.name}", "scratch": "from scratch",
                  "current": "continuing the serving version"}.get(start, f"from {start}")
         print(f"==> training {args.name} ({where}) on Ray Train")
-        record = train_and_register(config, args.name, registry, init=args.init)
+        with Relay() as relay:  # a progress bar, when stderr is a terminal
+            record = train_and_register(config, args.name, registry, init=args.init, progress_board=relay.board)
         sizing, metrics = record["sizing"], record["metrics"]
         shape = sizing.get("shape", {})
         print(f"    shape: hidden {shape.get('hidden_size')}, layers {shape.get('num_hidden_layers')}, "
@@ -205,38 +207,65 @@ def _running(config: SenmonConfig) -> dict | None:
 
 
 def cmd_up(args, config: SenmonConfig) -> int:
-    import json
-    import os
-    import signal
-    import threading
-
-    import ray
-
-    from senmon.system import start_system
-
     if args.cluster and not config.ray.address:
         raise CommandError("--cluster needs ray.address in the config (e.g. 'auto' on a cluster node)")
     if _running(config):
         raise CommandError(f"senmon is already up (see {_state_path(config)}); 'senmon down' stops it")
+    return run_up(config)
+
+
+def _write_state(config: SenmonConfig, url: str | None) -> list:
+    """Record the running system for the other commands (`senmon status`, `ask`, `down`, from any
+    terminal of this user); returns the files to remove when it stops.
+
+    The record says how to authenticate to its Ray (token authentication is on by default): a
+    process that connects to the recorded address finds no token by itself.
+    """
+    import json
+    import os
+
+    import ray
+
+    from senmon.stack import ray_auth_for_others, write_private
+
+    path = _state_path(config)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    auth, written = ray_auth_for_others(path.parent / f"ray-auth-token-{config.name}")
+    state = {"pid": os.getpid(), "url": url, "ray_address": ray.get_runtime_context().gcs_address, "ray_auth": auth,
+             "namespace": config.ray.namespace, "kafka": config.kafka.bootstrap_servers,
+             "storage_root": config.storage_root, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_private(path, json.dumps(state, indent=1))
+    return [path, *written]
+
+
+def run_up(config: SenmonConfig, **parts) -> int:
+    """`senmon up` after its checks: start the system (`parts`: `start_system`'s switches, all on by
+    default), record it for the other commands and keep it running until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    from senmon.system import start_system
+
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def stop_on_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    stop_on_signals()
     print(f"==> starting senmon ({'cluster at ' + config.ray.address if config.ray.address else 'embedded stack'})")
-    with start_system(config, say=lambda m: print("    " + m, flush=True)) as system:
-        state = {"pid": os.getpid(), "url": system.url, "ray_address": ray.get_runtime_context().gcs_address,
-                 "namespace": config.ray.namespace, "kafka": config.kafka.bootstrap_servers,
-                 "storage_root": config.storage_root, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        path = _state_path(config)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(state, indent=1))
+    with start_system(config, say=lambda m: print("    " + m, flush=True), **parts) as system:
+        stop_on_signals()  # ray.init() made SIGTERM sys.exit(15): 'senmon down' would skip the orderly stop below
+        written = _write_state(config, system.url)
         print(f"==> senmon is up: {system.url} (OpenAI API at /v1), Kafka {', '.join(config.kafka.bootstrap_servers)}; "
-              f"'senmon status', 'senmon ask', 'senmon ingest FILE', 'senmon down' from another terminal")
+              f"'senmon status', 'senmon ask', 'senmon ingest FILE', 'senmon down' from another terminal", flush=True)
         try:
             while not stop.wait(1.0):
                 pass
         finally:
             print("==> stopping senmon", flush=True)
-            path.unlink(missing_ok=True)
+            for path in written:
+                path.unlink(missing_ok=True)
     print("==> stopped")
     return 0
 
@@ -264,6 +293,9 @@ def _connect(state: dict) -> None:
 
     import ray
 
+    from senmon.stack import use_ray_auth
+
+    use_ray_auth(state.get("ray_auth"))  # the recorded address alone gets no token from Ray
     ray.init(address=state["ray_address"], namespace=state["namespace"], logging_level=logging.WARNING,
              log_to_driver=False)
 

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 
@@ -77,6 +78,68 @@ def start_ray(config: SenmonConfig) -> bool:
     ray.init(num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, include_dashboard=False,
              logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
     return True
+
+
+# Ray's token authentication (on by default for a cluster that ray.init() starts): the mode is the
+# RAY_AUTH_MODE variable, the token is RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else
+# $HOME/.ray/auth_token (ray.init() creates that file for a new local cluster when there is no token).
+AUTH_MODE_ENV, AUTH_TOKEN_ENV, AUTH_TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by this user only (0600), whatever the umask or an older file's mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def ray_auth_for_others(token_copy: Path) -> tuple[dict, list[Path]]:
+    """How another process of this user authenticates to the Ray this process is connected to.
+
+    Call after `start_ray`. Ray sets RAY_AUTH_MODE=token in this process when it turns token
+    authentication on (a cluster ray.init() started, or one ray.init(address="auto") joined with a
+    token at hand). A second process that connects to an explicit address, as `senmon status` does,
+    sends no token unless it sets that mode itself, and then only the token its own environment
+    points to. So this returns the mode and the token *file* to use: RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token; a token given only as RAY_AUTH_TOKEN is copied to `token_copy` (0600), which
+    is then listed in the second value, for the caller to remove when it stops.
+    """
+    if os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
+        return {"mode": "disabled"}, []
+    if os.environ.get(AUTH_TOKEN_ENV):
+        write_private(token_copy, os.environ[AUTH_TOKEN_ENV])
+        return {"mode": "token", "token_path": str(token_copy)}, [token_copy]
+    if os.environ.get(AUTH_TOKEN_PATH_ENV):
+        return {"mode": "token", "token_path": str(Path(os.environ[AUTH_TOKEN_PATH_ENV]).expanduser().resolve())}, []
+    return {"mode": "token", "token_path": str(Path.home() / ".ray" / "auth_token")}, []
+
+
+def use_ray_auth(auth: dict | None) -> None:
+    """Before `ray.init(address=...)`: authenticate as `auth` (from `ray_auth_for_others`) says.
+
+    Without a record (a state file written before senmon recorded it), do what Ray does for an
+    address it finds itself (`ray.init(address="auto")`): use token authentication when a token
+    is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if auth is None:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        return
+    if auth.get("mode") != "token":
+        return
+    # the token the running system uses, not one this terminal's environment may name for another cluster
+    os.environ.pop(AUTH_TOKEN_ENV, None)
+    os.environ[AUTH_TOKEN_PATH_ENV] = auth["token_path"]
+    os.environ[AUTH_MODE_ENV] = "token"
+    Config.initialize("")  # Ray read its config (RAY_AUTH_MODE included) when it was imported: read it again
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def start_stack(config: SenmonConfig, kafka: bool = True) -> Stack:

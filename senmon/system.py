@@ -41,7 +41,8 @@ def swap_on_promotion(config_data: dict, name: str, record: dict, registry_name:
     from senmon.serve.swap import swap_or_restore
 
     config = as_config(config_data)
-    return swap_or_restore(config, name, record, None, get_registry(registry_name, namespace))
+    holder = f"run:{record['run_id']}"  # a restarted scheduler resumes this swap under the same guard
+    return swap_or_restore(config, name, record, None, get_registry(registry_name, namespace), holder=holder)
 
 
 def retrain_router(config_data: dict) -> dict:
@@ -80,8 +81,10 @@ def train_missing(config: SenmonConfig, registry, say: Callable[[str], None] = p
 
     The jobs are the scheduler's own (`retrain_job`, one Ray task each), `training.startup_jobs` at a
     time: Ray Train pins each worker to `cpus_per_worker` threads, so one job alone leaves cores idle.
+    In a terminal each job's training shows a progress bar here (senmon/progress.py).
     """
     from senmon.actors.scheduler import retrain_job
+    from senmon.progress import Relay
     from senmon.train.job import tokenizer_json
 
     records = {name: ray.get(registry.current.remote(name)) for name in model_names(config)}
@@ -96,25 +99,28 @@ def train_missing(config: SenmonConfig, registry, say: Callable[[str], None] = p
     say(f"training {len(missing)} models on Ray Train, {min(len(missing), config.training.startup_jobs)} at a time: "
         + ", ".join(queue) + (f" (every specialist branches from {seed}, so it trains first, alone)"
                               if seed in missing else ""))
-    while queue or running:
-        while queue and len(running) < config.training.startup_jobs and seed not in running.values():
-            name = queue.pop(0)
-            started[name] = time.monotonic()
-            running[retrain_job.remote(config_data, name, registry_name, namespace, None, None)] = name
-        [done], _ = ray.wait(list(running), num_returns=1)
-        name = running.pop(done)
-        try:
-            record = ray.get(done)
-        except ray.exceptions.RayError as error:
-            for ref in running:
-                ray.cancel(ref, force=True)
-            cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
-            raise RuntimeError(f"training the first version of {name} failed: {cause}") from None
-        metrics, sizing = record["metrics"], record["sizing"]
-        say(f"  {name} v{record['version']}: {sizing.get('non_embedding_params', 0):,} non-embedding params, "
-            f"{record['data']['tokens_seen']:,} tokens, val ppl {metrics['val_ppl']:.1f}, "
-            f"{time.monotonic() - started[name]:.0f} s ({record['status']})")
-        records[name] = record
+    with Relay() as relay:  # progress bars, when this process's stderr is a terminal
+        say = relay.wrap(say)
+        while queue or running:
+            while queue and len(running) < config.training.startup_jobs and seed not in running.values():
+                name = queue.pop(0)
+                started[name] = time.monotonic()
+                running[retrain_job.remote(config_data, name, registry_name, namespace, None, None,
+                                          progress_board=relay.board)] = name
+            [done], _ = ray.wait(list(running), num_returns=1)
+            name = running.pop(done)
+            try:
+                record = ray.get(done)
+            except ray.exceptions.RayError as error:
+                for ref in running:
+                    ray.cancel(ref, force=True)
+                cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+                raise RuntimeError(f"training the first version of {name} failed: {cause}") from None
+            metrics, sizing = record["metrics"], record["sizing"]
+            say(f"  {name} v{record['version']}: {sizing.get('non_embedding_params', 0):,} non-embedding params, "
+                f"{record['data']['tokens_seen']:,} tokens, val ppl {metrics['val_ppl']:.1f}, "
+                f"{time.monotonic() - started[name]:.0f} s ({record['status']})")
+            records[name] = record
     return records
 
 

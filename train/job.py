@@ -160,8 +160,10 @@ def _continued_sizing(start: Start, tokens: int, vocab_size: int, rule: str) -> 
 
 
 def train_model(config: SenmonConfig, name: str, start: Start | None = None,
-                size_override: SizeConfig | None = None, run_id: str | None = None) -> TrainResult:
+                size_override: SizeConfig | None = None, run_id: str | None = None,
+                progress_board=None) -> TrainResult:
     """Train `name` (a specialist or the generalist); needs Ray initialised and data in the store.
+    `progress_board`: a driver's `senmon.progress.Relay` board, where rank 0 shows its progress bar.
 
     How many steps, at what learning rate, and in what shape (see train/branch.py):
     - the generalist, when specialists branch from it, is the seed: `seed_fraction` of the budget;
@@ -230,6 +232,7 @@ def train_model(config: SenmonConfig, name: str, start: Start | None = None,
         "name": name, "seed": training.seed, "seq_len": training.seq_len, "batch_size": training.batch_size,
         "schedule": asdict(schedule), "tokenizer_json": tok_json,
         "shape": shape.__dict__ if isinstance(shape, Shape) else None, "init_checkpoint": start.checkpoint,
+        "progress_board": progress_board,
     }
     fs, base = filesystem(config.storage_root)
     trainer = TorchTrainer(
@@ -326,7 +329,7 @@ def resolve_init(config: SenmonConfig, registry, name: str, init: str | None) ->
 
 
 def train_and_register(config: SenmonConfig, name: str, registry, init: str | None = None,
-                       run_id: str | None = None, new_shards: list[str] | None = None) -> dict:
+                       run_id: str | None = None, new_shards: list[str] | None = None, progress_board=None) -> dict:
     """Train `name`, register the version with its metadata, and pass it through the promotion gate.
 
     `new_shards` (a data-triggered retrain) with `init="current"` takes the fast path
@@ -342,7 +345,7 @@ def train_and_register(config: SenmonConfig, name: str, registry, init: str | No
         result = ray.get(fast_retrain_task.options(num_cpus=config.training.cpus_per_worker).remote(
             config.model_dump(mode="json"), name, start, list(new_shards), run_id))
     else:
-        result = train_model(config, name, start, run_id=run_id)
+        result = train_model(config, name, start, run_id=run_id, progress_board=progress_board)
     record = ray.get(registry.register.remote(name, result.run_id, result.checkpoint_path, result.metrics,
                                               result.sizing, {**result.data, "timings": result.timings}))
     return ray.get(registry.promote.remote(name, record["version"], config.training.promotion_margin))

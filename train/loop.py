@@ -17,11 +17,14 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
 from senmon.train.reference import compute_reference, write_reference
+
+if TYPE_CHECKING:
+    from senmon.progress import TrainingProgress
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,14 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def train_steps(model: torch.nn.Module, batches: Iterator[torch.Tensor], schedule: Schedule,
-                log: Callable[[int, float, float], None] | None = None) -> dict:
+                log: Callable[[int, float, float], None] | None = None,
+                progress: TrainingProgress | None = None) -> dict:
     """Train `model` for `schedule.steps` steps on `batches` (token-id tensors [batch, seq]).
 
     Returns the final loss (mean of the last 5%), a thinned loss curve, tokens seen, wall time and
     the time spent waiting for data. `log(step, loss, tokens_per_s)` is called about 20 times.
+    `progress` (a bar, see senmon/progress.py; none by default) is fed every step, keeps its own
+    pace, and is closed when the loop is done.
     """
     optimizer = make_optimizer(model, schedule.peak_lr)
     log_every = max(1, schedule.steps // 20)
@@ -92,6 +98,10 @@ def train_steps(model: torch.nn.Module, batches: Iterator[torch.Tensor], schedul
         losses.append(loss.item())
         if log is not None and (step % log_every == 0 or step == schedule.steps):
             log(step, losses[-1], tokens / (time.monotonic() - started))
+        if progress is not None:
+            progress.update(step, tokens, losses[-1], tokens / (time.monotonic() - started))
+    if progress is not None:
+        progress.close()
     train_s = time.monotonic() - started
     tail = losses[-log_every:]
     return {"step": step, "loss": sum(tail) / max(1, len(tail)), "train_s": train_s, "tokens_seen": tokens,
@@ -131,6 +141,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train.torch
     from tokenizers import Tokenizer
 
+    from senmon.progress import training_progress
+
     from .tokenizer import wrap
 
     torch.manual_seed(cfg["seed"])
@@ -153,7 +165,9 @@ def train_loop_per_worker(cfg: dict) -> None:
             print(f"[{cfg['name']}] step {step}/{schedule.steps} loss {loss:.3f} ({rate:,.0f} tokens/s per worker)",
                   flush=True)
 
-    final = train_steps(model, repeat_epochs(epoch_batches), schedule, log)
+    bar = training_progress(cfg.get("progress_board") if rank == 0 else None, cfg["name"], schedule.steps,
+                            workers=context.get_world_size())  # drawn by the driver's relay, when it has one
+    final = train_steps(model, repeat_epochs(epoch_batches), schedule, log, bar)
     final["tokens_seen"] *= context.get_world_size()
     final["tokens_per_s"] *= context.get_world_size()
     with tempfile.TemporaryDirectory() as directory:
