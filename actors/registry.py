@@ -8,8 +8,13 @@ rollback serves an earlier good version again. Exactly one version per specialis
 `ModelRegistry` is the named, detached Ray actor around it. Each change is applied to a copy,
 written whole to `{storage_root}/registry/registry.json` (temporary file, fsync, rename) and only
 then made current, so killing the actor at any moment leaves the old file or the new one. On
-(re)start the actor reads the file back. Calls are retried on a restarted actor and `register`
-is idempotent by `run_id`, so a retried call never creates a second version.
+(re)start the actor reads the file back. Calls are retried on a restarted actor. A retried call
+whose change had reached the file before the crash (only its answer was lost) is not applied
+again: the file also keeps the answers of the latest changes by Ray task id, which a retry keeps,
+and the retry gets that answer. Without it a retried rollback would roll back one version further
+(or fail: "no earlier good version"), and a retried promotion the gate rejected would fail ("was
+rejected"). `register` is also idempotent by `run_id`, so a job that registers twice never creates
+a second version.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from senmon.storage import filesystem, read_bytes, write_atomic
 
 STATUSES = ("candidate", "serving", "retired", "rejected", "rolled_back")
 REGISTRY_ACTOR = "senmon-registry"
+ANSWERS_KEPT = 32  # answers of the latest changes kept in the file, for calls Ray retries after a crash
 
 
 class RegistryError(ValueError):
@@ -141,6 +147,15 @@ class RegistryState:
         return self.current(specialist)
 
 
+def _calling_task() -> str | None:
+    """The Ray task id of the actor call being run (the same on each retry of it), None outside an actor."""
+    try:
+        context = ray.get_runtime_context()
+        return context.get_task_id() if context.get_actor_id() is not None else None
+    except Exception:
+        return None
+
+
 class ModelRegistry:
     """The registry as a Ray actor whose every change is durable before it returns."""
 
@@ -148,23 +163,34 @@ class ModelRegistry:
         self.fs, base = filesystem(storage_root)
         self.path = f"{base}/registry/registry.json"
         data = read_bytes(self.fs, self.path)
+        self.answers: dict[str, Any] = {}  # Ray task id of a change -> its answer (the latest ANSWERS_KEPT)
         if data is None:
             self.state = RegistryState()
         else:
             try:
-                self.state = RegistryState(json.loads(data)["specialists"])
-            except (ValueError, KeyError) as error:  # never start empty over a damaged file
+                payload = json.loads(data)
+                self.state = RegistryState(payload["specialists"])
+                self.answers = dict(payload.get("answers", []))
+            except (ValueError, KeyError, TypeError) as error:  # never start empty over a damaged file
                 raise RegistryError(f"{self.path} is not a valid registry file: {error}") from None
         record_serving(self.state.records)
 
     def _apply(self, change: str, *args, **kwargs) -> dict:
+        task = _calling_task()
+        if task is not None and task in self.answers:  # a retry of a change made before a crash: not again
+            return copy.deepcopy(self.answers[task])
         trial = RegistryState(copy.deepcopy(self.state.records))
         result = getattr(trial, change)(*args, **kwargs)
-        payload = {"format": 1, "written_at": _now(), "specialists": trial.records}
+        answers = dict(self.answers)
+        if task is not None:
+            answers[task] = result
+            answers = dict(list(answers.items())[-ANSWERS_KEPT:])
+        payload = {"format": 1, "written_at": _now(), "specialists": trial.records,
+                   "answers": [[t, a] for t, a in answers.items()]}
         write_atomic(self.fs, self.path, json.dumps(payload, indent=1, ensure_ascii=False).encode("utf-8"))
-        self.state = trial
+        self.state, self.answers = trial, answers
         record_serving(self.state.records)
-        return result
+        return copy.deepcopy(result)
 
     def register(self, specialist: str, run_id: str, path: str, metrics: dict, sizing: dict, data: dict) -> dict:
         return self._apply("register", specialist, run_id, path, metrics, sizing, data)

@@ -15,8 +15,19 @@ only for `training.cpus_per_worker` (and a GPU when `training.use_gpu`) and the 
 none, so with `max_concurrent_jobs` the scheduler bounds what training can ever hold.
 
 Every run is recorded in `{storage_root}/scheduler/runs.json` (written atomically): trigger,
-start, end, the data snapshot it trained on, the outcome and version. A restarted scheduler
-reads the file back and marks runs that were in flight as interrupted.
+start, end, the data snapshot it trained on, the outcome and version. A run is written as
+'running' before its job starts, and its outcome once, when it ends.
+
+A restarted scheduler (Ray restarts the actor) reads the file back, resumes its schedule at once
+and settles each run left 'running'. Its job died with the old process (Ray kills the tasks a dead
+process submitted), so the registry, asked by the run's id (the job registers its version under
+it), says how far it got: a version registered but not gated is gated now; a gated version gives
+the run its outcome, and a promoted one is handed to the swap hook again (a swap is idempotent, and
+the serving table lets the same run take over the guard of a swap it was in the middle of); no
+version means the job died before registering: the run is 'interrupted' and the same trigger runs
+again (the new run names it in `retry_of`). So an outcome is recorded once, and never lost. Left
+open: a trigger queued behind a running job (in memory only) is lost with the process, and a
+registry call sent by the dying job could in principle land after the restarted scheduler looked.
 """
 
 from __future__ import annotations
@@ -84,8 +95,9 @@ def run_hook(path: str, *args):
 class Scheduler:
     """Async actor: a loop checks schedules; jobs run as Ray tasks; every run is recorded."""
 
-    def __init__(self, config_data: dict, registry_name: str, namespace: str | None = None,
-                 swap_hook: str | None = None, data_reset_hook: str | None = None, router_hook: str | None = None):
+    async def __init__(self, config_data: dict, registry_name: str, namespace: str | None = None,
+                       swap_hook: str | None = None, data_reset_hook: str | None = None,
+                       router_hook: str | None = None):  # async: a restarted actor resumes with no call to wake it
         self.config: SenmonConfig = parse_config(config_data, source="scheduler")
         self.config_data = config_data
         self.registry_name, self.namespace = registry_name, namespace
@@ -98,9 +110,7 @@ class Scheduler:
         self.path = f"{base}/scheduler/runs.json"
         raw = read_bytes(self.fs, self.path)
         self.runs: list[dict] = json.loads(raw)["runs"] if raw else []
-        for run in self.runs:
-            if run["outcome"] == "running":  # the scheduler died under it; its job may not have finished
-                run.update(outcome="interrupted", ended_at=_now(), reason="the scheduler restarted during the run")
+        unsettled = [run for run in self.runs if run["outcome"] == "running"]  # the scheduler died under them
         self.names = [s.name for s in self.config.specialists] + [self.config.generalist.name]
         self.schedules = {s.name: s.schedule for s in self.config.specialists}
         self.jobs: dict[str, asyncio.Task] = {}
@@ -109,6 +119,9 @@ class Scheduler:
         self.due: dict[str, float | None] = {}
         self.loop: asyncio.Task | None = None
         self._save()
+        await self.start()
+        self.recovery: asyncio.Task | None = (
+            asyncio.get_running_loop().create_task(self._recover(unsettled)) if unsettled else None)
 
     # ----------------------------------------------------------------- control
 
@@ -127,22 +140,26 @@ class Scheduler:
         """Ingest's signal: `specialist` has gathered enough new documents since its serving version."""
         return await self.trigger(specialist, "new data", info)
 
-    async def trigger(self, specialist: str, reason: str = "manual", info: dict | None = None) -> str:
-        """Start a job now, or once the running one ends (never two at once). Returns what happened."""
+    async def trigger(self, specialist: str, reason: str = "manual", info: dict | None = None,
+                      retry_of: str | None = None) -> str:
+        """Start a job now, or once the running one ends (never two at once). Returns what happened.
+        `retry_of`: the run id of an interrupted run this one does again (see `_recover`)."""
         if specialist not in self.names:
             raise ValueError(f"no specialist named {specialist!r}")
         await self.start()
         if specialist in self.jobs and not self.jobs[specialist].done():
-            self.waiting[specialist] = {"trigger": reason, "info": info or {}}
+            self.waiting[specialist] = {"trigger": reason, "info": info or {}, "retry_of": retry_of}
             return "queued behind the running job"
-        self.jobs[specialist] = asyncio.get_running_loop().create_task(self._run(specialist, reason, info or {}))
+        self.jobs[specialist] = asyncio.get_running_loop().create_task(
+            self._run(specialist, reason, info or {}, retry_of))
         return "started"
 
     async def wait_idle(self, timeout_s: float = 600) -> bool:
         """Wait until no job runs or waits (for tests and the demo)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.waiting and all(job.done() for job in self.jobs.values()):
+            if not self.waiting and all(job.done() for job in self.jobs.values()) and \
+                    (self.recovery is None or self.recovery.done()):
                 return True
             await asyncio.sleep(0.2)
         return False
@@ -180,7 +197,7 @@ class Scheduler:
                     await self.trigger(name, "schedule")
             await asyncio.sleep(self.config.scheduler.check_interval_s)
 
-    async def _run(self, name: str, reason: str, info: dict) -> None:
+    async def _run(self, name: str, reason: str, info: dict, retry_of: str | None = None) -> None:
         settings = self.config.scheduler
         async with self.slots:
             for attempt in range(settings.max_retries + 1):
@@ -188,41 +205,22 @@ class Scheduler:
                        "specialist": name, "trigger": reason, "attempt": attempt + 1, "started_at": _now(),
                        "started_ts": time.time(), "ended_at": None, "outcome": "running", "version": None,
                        "reason": None, "data": info, "swap": None}
+                if retry_of:
+                    run["retry_of"] = retry_of
                 self.runs.append(run)
-                self._save()
+                self._save()  # durable as 'running' before the job starts: a restarted scheduler settles it
                 try:
                     if self.data_reset_hook:  # new documents from now on count toward the next job
                         await run_hook.remote(self.data_reset_hook, name)
                     init = await self._init_for(name)
                     record = await retrain_job.remote(self.config_data, name, self.registry_name, self.namespace,
                                                       init, run["run_id"], info.get("shards"))
-                    run.update(outcome=record["status"], version=record["version"], reason=record["reason"],
-                               val_ppl=record["metrics"].get("val_ppl"),
-                               data={**info, "shards": record["data"].get("shards"),
-                                     "tokens_seen": record["data"].get("tokens_seen")})
-                    if record["status"] == "serving" and self.swap_hook:
-                        started = time.monotonic()
-                        # in this actor's own (warm) process, on a thread: a fresh task spent ~11 s starting
-                        # and importing Serve before an in-place swap of ~1 s (bench/results/freshness.json)
-                        run["swap"] = await asyncio.get_running_loop().run_in_executor(
-                            None, call_hook, self.swap_hook, self.config_data, name, record, self.registry_name,
-                            self.namespace)
-                        run["swap_s"] = time.monotonic() - started
-                    if record["status"] == "serving" and self.router_hook:  # the data changed: so may routing
-                        self.background = [r for r in self.background if not ray.wait([r], timeout=0)[0]]
-                        self.background.append(run_hook.remote(self.router_hook, self.config_data))
-                    run.update(ended_at=_now(), ended_ts=time.time())
+                    await self._finish(run, record, info)
                     self._save()
                     record_training_run(name, reason, run["outcome"], time.time() - run["started_ts"])
                     break
                 except Exception as error:  # recorded, then retried; the serving version is untouched
-                    cause = getattr(error, "cause", None) or error
-                    refused = type(cause).__name__ in ("SwapError", "CheckpointRefused")
-                    run.update(outcome="swap_refused" if refused else "failed", ended_at=_now(),
-                               reason=f"{type(cause).__name__}: {cause}")
-                    self._save()
-                    record_training_run(name, reason, run["outcome"], time.time() - run["started_ts"])
-                    if refused:  # trained and registered; serving refused it (the registry says why): no retrain
+                    if self._failed(run, error):  # trained and registered; serving refused it: no retrain
                         log.warning("%s v%s was not served: %s", name, run["version"], run["reason"])
                         break
                     log.warning("retraining %s failed (attempt %d): %s", name, attempt + 1, run["reason"])
@@ -231,7 +229,71 @@ class Scheduler:
         follow_up = self.waiting.pop(name, None)
         if follow_up is not None:  # a trigger arrived while this job ran: its data is not in this version
             self.jobs[name] = asyncio.get_running_loop().create_task(self._run(name, follow_up["trigger"],
-                                                                               follow_up["info"]))
+                                                                               follow_up["info"],
+                                                                               follow_up.get("retry_of")))
+
+    async def _finish(self, run: dict, record: dict, info: dict) -> None:
+        """The run's outcome from its version's registry record; a promoted version goes live (swap hook)."""
+        name = run["specialist"]
+        run.update(outcome=record["status"], version=record["version"], reason=record["reason"],
+                   val_ppl=record["metrics"].get("val_ppl"),
+                   data={**info, "shards": record["data"].get("shards"),
+                         "tokens_seen": record["data"].get("tokens_seen")})
+        if record["status"] == "serving" and self.swap_hook:
+            started = time.monotonic()
+            # in this actor's own (warm) process, on a thread: a fresh task spent ~11 s starting
+            # and importing Serve before an in-place swap of ~1 s (bench/results/freshness.json)
+            run["swap"] = await asyncio.get_running_loop().run_in_executor(
+                None, call_hook, self.swap_hook, self.config_data, name, record, self.registry_name,
+                self.namespace)
+            run["swap_s"] = time.monotonic() - started
+        if record["status"] == "serving" and self.router_hook:  # the data changed: so may routing
+            self.background = [r for r in self.background if not ray.wait([r], timeout=0)[0]]
+            self.background.append(run_hook.remote(self.router_hook, self.config_data))
+        run.update(ended_at=_now(), ended_ts=time.time())
+
+    def _failed(self, run: dict, error: Exception) -> bool:
+        """Record a run that failed; True when it failed because serving refused its version."""
+        cause = getattr(error, "cause", None) or error
+        refused = type(cause).__name__ in ("SwapError", "CheckpointRefused")
+        run.update(outcome="swap_refused" if refused else "failed", ended_at=_now(),
+                   reason=f"{type(cause).__name__}: {cause}")
+        self._save()
+        record_training_run(run["specialist"], run["trigger"], run["outcome"], time.time() - run["started_ts"])
+        return refused
+
+    async def _recover(self, runs: list[dict]) -> None:
+        """Settle the runs the previous process left 'running' (see the module's docstring)."""
+        for run in runs:
+            name = run["specialist"]
+            try:
+                registry = ray.get_actor(self.registry_name, namespace=self.namespace)
+                versions = (await registry.snapshot.remote()).get(name, [])
+                record = next((r for r in versions if r["run_id"] == run["run_id"]), None)
+            except Exception as error:  # the registry is gone: nothing to settle the run with
+                run.update(outcome="interrupted", ended_at=_now(), reason="the scheduler restarted during the run; "
+                           f"the registry could not say how far its job got ({type(error).__name__}: {error})")
+                self._save()
+                continue
+            if record is None:  # the job died before it registered a version: do it again
+                run.update(outcome="interrupted", ended_at=_now(),
+                           reason="the scheduler restarted during the run, before its job registered a version")
+                self._save()
+                record_training_run(name, run["trigger"], run["outcome"], time.time() - run["started_ts"])
+                if name in self.names:
+                    await self.trigger(name, run["trigger"], run.get("data") or {}, retry_of=run["run_id"])
+                continue
+            run["settled"] = "after a scheduler restart, from the registry"
+            try:
+                if record["status"] == "candidate":  # the job died between registering and the gate
+                    record = await registry.promote.remote(name, record["version"],
+                                                           self.config.training.promotion_margin)
+                await self._finish(run, record, run.get("data") or {})
+                self._save()
+                record_training_run(name, run["trigger"], run["outcome"], time.time() - run["started_ts"])
+            except Exception as error:
+                self._failed(run, error)
+                log.warning("settling %s's run %s after a restart failed: %s", name, run["run_id"], run["reason"])
 
     async def _init_for(self, name: str) -> str | None:
         if self.config.scheduler.retrain_from == "scratch":

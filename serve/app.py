@@ -142,7 +142,7 @@ def deploy(config: SenmonConfig, registry, *, timeout_s: float = 900.0) -> Serve
     host = bind_host(config.http)
     serve.start(http_options={"host": host, "port": config.http.port})
     _ensure_routing_model(config)
-    table = get_or_create_table(config.serve.app_name, config.ray.namespace)
+    table = get_or_create_table(config.serve.app_name, config.ray.namespace, config.storage_root)
     records = _serving_records(config, registry)
     _, entries = ray.get(table.get.remote())
 

@@ -99,8 +99,8 @@ def engine_args(config: SenmonConfig, model: str, version: int, path: str, name:
             reference = None
     return {"model": model, "app": name or app_name(config, model, version), "version": version, "path": path,
             "reference": reference, "table": config.serve.app_name, "namespace": config.ray.namespace,
-            "tolerance": config.serve.reference_tolerance, "poll_s": config.serve.engine_poll_s,
-            "drain_timeout_s": config.serve.drain_timeout_s}
+            "storage_root": config.storage_root, "tolerance": config.serve.reference_tolerance,
+            "poll_s": config.serve.engine_poll_s, "drain_timeout_s": config.serve.drain_timeout_s}
 
 
 def build_specialist_app(config: SenmonConfig, model: str, version: int, path: str, name: str | None = None,

@@ -55,7 +55,7 @@ class SwapError(RuntimeError):
 def _table(config: SenmonConfig, table=None):
     from senmon.serve.table import get_or_create_table
 
-    return table or get_or_create_table(config.serve.app_name, config.ray.namespace)
+    return table or get_or_create_table(config.serve.app_name, config.ray.namespace, config.storage_root)
 
 
 def all_models(config: SenmonConfig) -> list[str]:
@@ -225,10 +225,12 @@ def swap_in_place(config: SenmonConfig, model: str, record: dict, old: dict, tab
 # --------------------------------------------------------------------------- the swap
 
 
-def swap(config: SenmonConfig, model: str, record: dict, table=None) -> dict:
-    """Serve `record` (a registry record with "version" and "path") for `model`, live; returns timings."""
+def swap(config: SenmonConfig, model: str, record: dict, table=None, holder: str | None = None) -> dict:
+    """Serve `record` (a registry record with "version" and "path") for `model`, live; returns timings.
+    `holder` names who swaps (the scheduler's run id): the same holder may take over its own swap guard
+    from a process that died in the middle of the swap (serve/table.py, `begin_swap`)."""
     table = _table(config, table)
-    if not ray.get(table.begin_swap.remote(model)):
+    if not ray.get(table.begin_swap.remote(model, holder)):
         raise SwapError(f"a swap of {model} is already running")
     timings: dict = {"model": model, "version": record["version"]}
     started = time.monotonic()
@@ -303,11 +305,11 @@ def sync_with_registry(config: SenmonConfig, registry, table=None) -> list[dict]
 
 
 def swap_or_restore(config: SenmonConfig, model: str, record: dict, previous: int | None, registry,
-                    table=None) -> dict:
+                    table=None, holder: str | None = None) -> dict:
     """`swap` after the registry promoted `record`; when the swap fails, the registry marks the version
     rejected with the reason and names `previous` serving again, so it says what actually serves."""
     try:
-        return swap(config, model, record, table)
+        return swap(config, model, record, table, holder)
     except SwapError as error:
         if previous is None:  # the version this promotion or rollback replaced
             replaced = {f"replaced by v{record['version']}", f"rolled back to v{record['version']}"}

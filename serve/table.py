@@ -10,46 +10,98 @@ Entries: `{model: {"app", "version", "path", "reference"}}`. After an in-place s
 keeps its name and serves another version: engine replicas poll `engine_poll` for their
 application's entry and load the weights it names (serve/engine.py). The actor is detached and named
 (`<app_name>-table`) so the router, the swap code and the admin endpoints all find it.
+
+**Surviving a crash.** Created with a storage root (`get_or_create_table(app, namespace, storage_root)`),
+the table writes its pointers, the epoch and the routing generation to
+`{storage_root}/serve/<app_name>-table.json` (temporary file, fsync, rename) before a change returns;
+Ray restarts the actor when it dies (`max_restarts=-1`) and retries the calls it had in flight
+(`max_task_retries=-1`), and the restarted actor reads the file back. The pointers cannot be
+recomputed from the registry: after an in-place swap `senmon-law-v1` may serve version 2. The file
+names the actor that wrote it; a new table actor (after `shutdown`, or in a new Ray cluster, where the
+applications it pointed at are gone) starts empty as before and overwrites it. Because the
+epoch comes back too, a router replica that already has the latest table is not sent it again, and a
+swap waiting for the replicas to reach an epoch still can. (`poll` answers a replica whose epoch
+differs, higher or lower, with the whole table.) A retried change may be applied twice: each is
+idempotent except that the epoch (or the routing generation) goes up once more, which only makes the
+replicas fetch the same table again.
+
+What a restart loses, by design: the router replicas' heartbeats and in-flight counts (each replica
+polls again within ~0.2 s; a restarted table calls no drain done for `LIVE_S`, so none ends on the
+empty heartbeats), the engine replicas'
+reports (re-sent every `serve.engine_poll_s`), the admin swap states followed by id (`swap_state` no
+longer knows an id recorded before) and the guard of the swaps in progress (a swap driver that survives
+keeps going, and a second swap of the same model could start meanwhile). Without a storage root the
+table lives in memory only and is not restarted, as before.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import ray
 
+from senmon.storage import filesystem, read_bytes, write_atomic
+
 LIVE_S = 3.0  # a router replica that has not polled for this long is gone
 
 
+def _own_actor_id() -> str | None:
+    try:
+        return ray.get_runtime_context().get_actor_id()
+    except Exception:  # constructed outside Ray (unit tests)
+        return None
+
+
 class ServingTable:
-    def __init__(self):
+    def __init__(self, storage_root: str | None = None, app_name: str = "senmon"):
         self.entries: dict[str, dict] = {}
         self.epoch = 0
         self.routers: dict[str, dict] = {}  # replica id -> {"seen", "epoch", "inflight"}
         self.engines: dict[str, dict] = {}  # engine replica id -> {"seen", "app", "version", "refused", ...}
         self.swaps: dict[str, dict] = {}  # admin swap id -> {"status", "result", "error", ...}
-        self.swapping: set[str] = set()
+        self.swapping: dict[str, str | None] = {}  # model -> who swaps it (see begin_swap)
         self.routing_gen = 0  # bumped to make every router replica reload the routing model
+        self.settle_until = 0.0  # a restarted table does not call a drain done before this (see `drained`)
+        self.fs, self.path = None, None
+        self.actor_id = _own_actor_id()
+        if storage_root:
+            self.fs, base = filesystem(storage_root)
+            self.path = f"{base}/serve/{table_name(app_name)}.json"
+            data = read_bytes(self.fs, self.path)
+            if data is not None:
+                try:
+                    state = json.loads(data)
+                    if state["actor_id"] == self.actor_id:  # this actor, restarted: its pointers
+                        self.entries, self.epoch = state["entries"], state["epoch"]
+                        self.routing_gen = state["routing_gen"]
+                        self.settle_until = time.monotonic() + LIVE_S  # until every live router has polled again
+                except (ValueError, KeyError) as error:  # never serve pointers from a guess
+                    raise ValueError(f"{self.path} is not a valid serving table file: {error}") from None
+
+    def _commit(self, entries: dict[str, dict], routing_gen: int) -> int:
+        """Make a change durable (when the table has a file), then current; returns the new epoch."""
+        epoch = self.epoch + 1
+        if self.path is not None:
+            payload = {"format": 1, "actor_id": self.actor_id, "epoch": epoch, "routing_gen": routing_gen,
+                       "entries": entries}
+            write_atomic(self.fs, self.path, json.dumps(payload, indent=1, ensure_ascii=False).encode("utf-8"))
+        self.entries, self.epoch, self.routing_gen = entries, epoch, routing_gen
+        return epoch
 
     # ----------------------------------------------------------------- pointers
 
     def set(self, model: str, entry: dict) -> int:
-        self.entries[model] = dict(entry)
-        self.epoch += 1
-        return self.epoch
+        return self._commit({**self.entries, model: dict(entry)}, self.routing_gen)
 
     def set_if_absent(self, model: str, entry: dict) -> int:
         return self.epoch if model in self.entries else self.set(model, entry)
 
     def bump_routing(self) -> int:
-        self.routing_gen += 1
-        self.epoch += 1
-        return self.epoch
+        return self._commit(self.entries, self.routing_gen + 1)
 
     def remove(self, model: str) -> int:
-        self.entries.pop(model, None)
-        self.epoch += 1
-        return self.epoch
+        return self._commit({m: e for m, e in self.entries.items() if m != model}, self.routing_gen)
 
     def get(self) -> tuple[int, dict]:
         return self.epoch, dict(self.entries)
@@ -70,7 +122,9 @@ class ServingTable:
         live = {r: s for r, s in self.routers.items() if now - s["seen"] < LIVE_S}
         behind = [r for r, s in live.items() if s["epoch"] < epoch]
         inflight = sum(s["inflight"].get(app, 0) for s in live.values())
-        return {"done": not behind and inflight == 0, "routers": len(live), "behind": len(behind), "inflight": inflight}
+        settled = now >= self.settle_until  # just restarted: the replicas' reports are not all back yet
+        return {"done": settled and not behind and inflight == 0, "routers": len(live), "behind": len(behind),
+                "inflight": inflight}
 
     # ----------------------------------------------------------------- engine replicas (serve/engine.py)
 
@@ -103,14 +157,16 @@ class ServingTable:
 
     # ----------------------------------------------------------------- one swap per model at a time
 
-    def begin_swap(self, model: str) -> bool:
-        if model in self.swapping:
+    def begin_swap(self, model: str, holder: str | None = None) -> bool:
+        """Take `model`'s swap guard. A guard taken with a `holder` is granted again to the same holder: a
+        scheduler restarted in the middle of a run's swap resumes it (the dead one never called end_swap)."""
+        if model in self.swapping and (holder is None or self.swapping[model] != holder):
             return False
-        self.swapping.add(model)
+        self.swapping[model] = holder
         return True
 
     def end_swap(self, model: str) -> None:
-        self.swapping.discard(model)
+        self.swapping.pop(model, None)
 
     def ping(self) -> bool:
         return True
@@ -120,11 +176,15 @@ def table_name(app_name: str) -> str:
     return f"{app_name}-table"
 
 
-def get_or_create_table(app_name: str, namespace: str | None = None):
+def get_or_create_table(app_name: str, namespace: str | None = None, storage_root: str | None = None):
+    """The named, detached serving table. With `storage_root` its pointers are durable and Ray restarts it
+    after a crash, retrying the calls in flight; without, it lives in memory only and is not restarted.
+    Whoever creates it decides, so every caller passes the storage root."""
+    durable = {"max_restarts": -1, "max_task_retries": -1} if storage_root else {}
     return ray.remote(ServingTable).options(
         name=table_name(app_name), namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_concurrency=1,
-    ).remote()
+        max_concurrency=1, **durable,
+    ).remote(storage_root, app_name)
 
 
 def get_table(app_name: str, namespace: str | None = None):
