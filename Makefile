@@ -8,6 +8,7 @@ demo: setup
 	.venv/bin/senmon demo
 
 test: setup
+	bash scripts/chromium.sh
 	.venv/bin/python -m pytest
 
 bench: setup

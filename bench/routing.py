@@ -3,7 +3,8 @@
     python -m senmon.ingest.extra_sources        # once: the held-out sources, under var/sources (not shipped)
     python -m bench routing                      # -> bench/results/routing.json
 
-Every routing model variant is trained on the shipped corpus (data/corpus, train split) and tested on documents
+Two families of routing are compared. Routing *models* (a classifier over hashed n-grams, train/routing.py):
+every routing model variant is trained on the shipped corpus (data/corpus, train split) and tested on documents
 of the same five kinds from sources the corpus does not use (ingest/sources/extra.py), per domain, on whole
 documents and on one 100-character snippet of each. "more sources" variants also train on the extra sources,
 leave-one-source-out: two folds, each holding out one source per domain (and some of the no-domain sources);
@@ -14,6 +15,19 @@ The fallback threshold is chosen on validation text only: the corpus's validatio
 split of the extra sources (in-domain and no-domain), never on what is reported. Reported on the rest: the share
 of no-domain text that falls back, and the share of in-domain text that falls back when it should not (held-out
 sources and the corpus's own test split). Latency: one prompt per `route` call, as the router calls it.
+
+Likelihood routing (serve/likelihood.py) needs a trained system, the serving versions of the generalist and every
+specialist (`--models`, a storage root; default: the embedded config's, which `make demo` fills): each model scores
+the prompt's first `--tokens` tokens; the best specialist answers if it saves `margin` nats/token over the
+generalist. "likelihood" alone, and "words+chars + second opinion" (the classifier when its confidence is at least
+`below`, the likelihood otherwise: what the router runs). Their parameters are chosen on validation text.
+
+Accuracy against the domain label is a proxy. What routing is for is the answer, so the benchmark also measures
+**answer quality**: route on a document's first 64 tokens, then score the chosen model on the document's next
+tokens (up to 192), the part an answer would have to predict; reported as the perplexity there relative to
+always asking the generalist (below 1: better answers), per group and source, with the share of documents where
+the chosen model does worse than the generalist, for every policy, beside two references: the specialist of
+the document's labelled domain (a perfect classifier) and the best model in hindsight (an oracle).
 """
 
 from __future__ import annotations
@@ -213,11 +227,210 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+# --------------------------------------------------------------------------- likelihood routing
+
+MODELS = ["generalist", *DOMAINS]  # the embedded config's models: the generalist and one specialist per domain
+PREFIX_TOKENS, ANSWER_TOKENS = 64, 192
+BELOWS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01]  # 1.01: the second opinion always decides
+MARGINS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 100.0]  # 100: never a specialist by likelihood
+
+
+def scorer_for(models_root: str, tokens: int):
+    from senmon.actors.registry import serving_records_from_file
+    from senmon.serve.likelihood import LikelihoodScorer
+
+    records = serving_records_from_file(models_root, MODELS)
+    missing = [m for m in MODELS if m not in records]
+    if missing:
+        sys.exit(f"no serving version of {', '.join(missing)} under {models_root}: likelihood routing needs a "
+                 "trained system (`make demo`, or `senmon up` until it serves), or pass --models ROOT")
+    scorer = LikelihoodScorer(max_tokens=tokens)
+    scorer.sync({name: {"version": r["version"], "path": r["path"]} for name, r in records.items()})
+    return scorer, {name: r["version"] for name, r in records.items()}
+
+
+def nll_all(scorer, texts: list[str], batch: int = 32) -> list[dict[str, float]]:
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    result: list[dict] = [{}] * len(texts)
+    for start in range(0, len(order), batch):
+        chunk = order[start:start + batch]
+        for i, row in zip(chunk, scorer.nll([texts[i] for i in chunk])):
+            result[i] = row
+    return result
+
+
+def combined(best: list[str], confidence: list[float], nll: list[dict], below: float, margin: float
+             ) -> tuple[list[str], list[bool]]:
+    """(chosen label, NO_DOMAIN for the generalist; whether the second opinion decided) per item."""
+    from senmon.serve.likelihood import decide
+
+    chosen, fired = [], []
+    for b, c, scores in zip(best, confidence, nll):
+        if c >= below and b != NO_DOMAIN:
+            chosen.append(b)
+            fired.append(False)
+        else:
+            chosen.append(decide(scores, "generalist", margin).chosen or NO_DOMAIN)
+            fired.append(True)
+    return chosen, fired
+
+
+def balanced_accuracy(evaluation: list[dict], chosen: list[str], group: str = "validation") -> float:
+    """Mean over the five domains and no-domain (right = the generalist), whole documents and snippets."""
+    by = defaultdict(list)
+    for item, c in zip(evaluation, chosen):
+        if item["group"] == group:
+            by[(item["label"], item["form"])].append(c == item["label"])
+    return statistics.mean(rate(v) for v in by.values())
+
+
+def answer_rows(scorer, evaluation: list[dict]) -> list[dict]:
+    """Whole documents of at least PREFIX_TOKENS + 32 tokens: the text of their first PREFIX_TOKENS tokens
+    (what routing sees) and every model's negative log-likelihood per token on the next ones."""
+    import torch
+
+    from senmon.serve.likelihood import EOT_ID, StackedLlama
+
+    rows = []
+    for item in evaluation:
+        if item["form"] != "whole":
+            continue
+        encoded = scorer.tokenizer.encode(item["text"], add_special_tokens=False)
+        if len(encoded.ids) >= PREFIX_TOKENS + 32:
+            rows.append({**{k: v for k, v in item.items() if k != "text"},
+                         "prefix_text": item["text"][:encoded.offsets[PREFIX_TOKENS - 1][1]],
+                         "ids": [EOT_ID] + encoded.ids[:PREFIX_TOKENS + ANSWER_TOKENS]})
+    names = list(scorer.models)
+    stacked = StackedLlama([scorer.models[n][2] for n in names])
+    rows.sort(key=lambda r: len(r["ids"]))
+    with torch.inference_mode():
+        for start in range(0, len(rows), 16):
+            chunk = rows[start:start + 16]
+            batch = torch.nn.utils.rnn.pad_sequence([torch.tensor(r["ids"]) for r in chunk], batch_first=True)
+            per_token = stacked.token_nll(batch)  # [M, B, T-1]
+            for j, row in enumerate(chunk):
+                answer = slice(PREFIX_TOKENS, len(row["ids"]) - 1)
+                row["answer"] = {n: float(per_token[m, j, answer].mean()) for m, n in enumerate(names)}
+    for row in rows:
+        del row["ids"]
+    return rows
+
+
+def answer_quality(rows: list[dict], chosen: list[str]) -> dict:
+    """Perplexity on the answer part relative to the generalist's (geometric mean), overall, per group and
+    source, and the share of documents where the chosen model does worse than the generalist."""
+    def summary(pairs: list[tuple[dict, str]]) -> dict:
+        deltas = [row["answer"][c] - row["answer"]["generalist"] for row, c in pairs]
+        return {"ppl_vs_generalist": float(np.exp(np.mean(deltas))), "worse_than_generalist": rate([d > 0 for d in deltas]),
+                "documents": len(deltas)}
+
+    by_group, by_source = defaultdict(list), defaultdict(list)
+    for row, c in zip(rows, chosen):
+        model = "generalist" if c == NO_DOMAIN else c
+        by_group[row["group"]].append((row, model))
+        by_source[(row["group"], row["source"])].append((row, model))
+    return {"by_group": {g: summary(v) for g, v in by_group.items()},
+            "by_source": {f"{g}/{s}": summary(v) for (g, s), v in by_source.items()}}
+
+
+def likelihood_latency(model: RoutingModel, scorer, evaluation: list[dict], below: float, margin: float) -> dict:
+    """One prompt at a time, as the router decides: the classifier, then the second opinion where it fires."""
+    from senmon.serve.likelihood import decide
+
+    prompts = [item["text"] for item in evaluation if item["group"] in ("heldout", "ood-test")]
+    prompts = random.Random(0).sample(prompts, min(LATENCY_PROMPTS, len(prompts)))
+    times, second = [], []
+    for prompt in prompts[:20] + prompts:
+        started = time.perf_counter()
+        route = model.route([prompt])[0]
+        if route.confidence < below:
+            decide(scorer.nll([prompt])[0], "generalist", margin)
+            second.append((time.perf_counter() - started) * 1000)
+        times.append((time.perf_counter() - started) * 1000)
+    times, second = sorted(times[20:]), sorted(second)
+    return {"p50_ms": statistics.median(times), "p99_ms": times[int(0.99 * (len(times) - 1))], "prompts": len(times),
+            "second_opinion_p50_ms": statistics.median(second) if second else None,
+            "second_opinion_p99_ms": second[int(0.99 * (len(second) - 1))] if second else None}
+
+
+def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict], results: dict) -> dict:
+    """The likelihood policies beside the deployed classifier (words+chars, corpus only): their parameters chosen
+    for answer quality on validation documents, then label accuracy and answer quality measured on the rest;
+    returns the answer-quality table of every policy."""
+    scorer, versions = scorer_for(args.models, args.tokens)
+    print(f"likelihood routing with {', '.join(f'{m} v{v}' for m, v in versions.items())} from {args.models}, "
+          f"first {args.tokens} tokens", flush=True)
+    classifier = train_variant(WORDS_CHARS, False, False, corpus, extra)[0]
+    started = time.monotonic()
+    rows = answer_rows(scorer, evaluation)
+    prefix_routes = classifier.route([row["prefix_text"] for row in rows])
+    prefix_best, prefix_confidence = [r.specialist for r in prefix_routes], [r.confidence for r in prefix_routes]
+    prefix_nll = nll_all(scorer, [row["prefix_text"] for row in rows])
+    print(f"  answer quality: {len(rows)} documents scored in {time.monotonic() - started:.0f} s", flush=True)
+    validation = [i for i, row in enumerate(rows) if row["group"] == "validation"]
+
+    def validation_quality(below: float, margin: float) -> tuple[float, float]:
+        chosen, fired = combined([prefix_best[i] for i in validation], [prefix_confidence[i] for i in validation],
+                                 [prefix_nll[i] for i in validation], below, margin)
+        q = answer_quality([rows[i] for i in validation], chosen)["by_group"]["validation"]
+        return q["ppl_vs_generalist"], rate(fired)
+
+    texts = [item["text"] for item in evaluation]
+    best, confidence = score([classifier, classifier], evaluation)
+    started = time.monotonic()
+    nll = nll_all(scorer, texts)
+    print(f"  scored {len(texts)} prompts with {len(scorer.models)} models in {time.monotonic() - started:.0f} s",
+          flush=True)
+    threshold = results["words+chars"]["threshold"]["threshold"] if "words+chars" in results else 0.5
+    quality_policies = {
+        "always the generalist": [NO_DOMAIN] * len(rows),
+        "the labelled domain's specialist (perfect classifier)": [row["label"] for row in rows],
+        "best in hindsight (oracle)": [min(row["answer"], key=row["answer"].get) for row in rows],
+        f"words+chars at its threshold ({threshold:.2f})": [
+            b if c >= threshold else NO_DOMAIN for b, c in zip(prefix_best, prefix_confidence)],
+    }
+    for name, belows in (("likelihood", [1.01]), ("words+chars + second opinion", BELOWS)):
+        grid = [(validation_quality(b, m), b, m) for b in belows for m in MARGINS]
+        best_ppl = min(g[0][0] for g in grid)
+        # within 1% of the best answer quality: the fewest second opinions (latency), then the largest margin
+        (ppl, _), below, margin = min((g for g in grid if g[0][0] <= best_ppl * 1.01), key=lambda g: (g[0][1], -g[2]))
+        chosen, fired = combined(best, confidence, nll, below, margin)
+        results[name] = {"features": "likelihood" if below > 1 else WORDS_CHARS + " + likelihood", "more_sources": False,
+                         "none_class": False, "tokens": args.tokens, "models": versions,
+                         "threshold": {"threshold": 0.0, "below": below, "margin": margin,
+                                       "validation_answer_ppl_vs_generalist": ppl},
+                         "second_opinion_fired": rate(fired),
+                         "at_chosen_threshold": measure(evaluation, chosen, [1.0] * len(chosen), 0.0),
+                         "latency": likelihood_latency(classifier, scorer, evaluation, below, margin)}
+        quality_policies[f"{name} (below {below}, margin {margin})"] = combined(
+            prefix_best, prefix_confidence, prefix_nll, below, margin)[0]
+        print(f"{name}: below {below}, margin {margin}: validation answers {ppl:.3f}x the generalist's perplexity; "
+              f"second opinion on {100 * rate(fired):.0f}% of prompts", flush=True)
+    return {name: answer_quality(rows, chosen) for name, chosen in quality_policies.items()}
+
+
 def main() -> None:
+    import argparse
+
+    from senmon.config import load_config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=None, help="storage root of a trained system (default: the embedded "
+                                                       "config's, which `make demo` fills)")
+    parser.add_argument("--tokens", type=int, default=None, help="prompt tokens the likelihood scores "
+                                                                 "(default: the config's serve.likelihood_tokens)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated routing model variants to train (default: all)")
+    args = parser.parse_args()
+    config = load_config()
+    args.models = args.models or config.storage_root
+    args.tokens = args.tokens or config.serve.likelihood_tokens
     corpus, extra = load()
     evaluation = evaluation_items(corpus, extra)
     results = {}
     for name, (features, more_sources, none_class) in VARIANTS.items():
+        if name not in args.variants.split(","):
+            continue
         started = time.monotonic()
         models = train_variant(features, more_sources, none_class, corpus, extra)
         train_s = time.monotonic() - started
@@ -229,6 +442,14 @@ def main() -> None:
                          "at_threshold_0.5": measure(evaluation, best, confidence, 0.5),
                          "latency": latency(models[0], evaluation)}
         print(f"{name}: trained in {train_s:.0f} s, threshold {chosen['threshold']:.2f}", flush=True)
+
+    quality = likelihood_variants(args, corpus, extra, evaluation, results)
+    previous = Path(__file__).resolve().parent / "results" / "routing.json"
+    if previous.exists():  # variants not run this time: kept from the last run that measured them, marked so
+        earlier = json.loads(previous.read_text(encoding="utf-8"))
+        for name, r in earlier.get("variants", {}).items():
+            if name not in results and name in VARIANTS:
+                results[name] = {**r, "measured": r.get("measured", earlier.get("when"))}
 
     rows = []
     for name, r in results.items():
@@ -253,13 +474,28 @@ def main() -> None:
     print(table(["variant", *ood_names], [[v] + [f"{pct(r['at_chosen_threshold']['ood_fallback_by_source'][n]['whole'])} / "
                                                  f"{pct(r['at_chosen_threshold']['ood_fallback_by_source'][n]['snippet'])}"
                                                  for n in ood_names] for v, r in results.items()]))
+    print(f"\nAnswer quality: route on the first {PREFIX_TOKENS} tokens of a whole document, then perplexity on its "
+          f"next tokens (up to {ANSWER_TOKENS}) relative to always asking the generalist (below 1 is better); "
+          "in brackets, the share of documents where the chosen model does worse than the generalist")
+    groups = ["heldout", "ood-test", "corpus-test", "validation"]
+    print(table(["policy", *groups], [[name] + [
+        f"{q['by_group'][g]['ppl_vs_generalist']:.3f} ({pct(q['by_group'][g]['worse_than_generalist'])})"
+        if g in q["by_group"] else "-" for g in groups] for name, q in quality.items()]))
+    heldout_sources = sorted({k.split("/", 1)[1] for q in quality.values() for k in q["by_source"]
+                              if k.startswith(("heldout/", "ood-test/"))})
+    print("\nAnswer quality by held-out source (perplexity vs the generalist)")
+    print(table(["policy", *heldout_sources], [[name] + [
+        next((f"{v['ppl_vs_generalist']:.2f}" for k, v in q["by_source"].items() if k.split("/", 1)[1] == src
+              and not k.startswith(("validation/", "corpus-test/"))), "-") for src in heldout_sources]
+        for name, q in quality.items()]))
     counts = defaultdict(int)
     for item in evaluation:
         counts[f"{item['group']}/{item['form']}"] += 1
     path = write_results("routing", {"goals": GOALS, "folds": [sorted(f) for f in FOLDS], "items": dict(counts),
                                      "sources": json.loads((SOURCES / "MANIFEST.json").read_text())["sources"]
                                      if (SOURCES / "MANIFEST.json").exists() else {},
-                                     "variants": results})
+                                     "variants": results, "answer_quality": quality,
+                                     "answer_tokens": {"prefix": PREFIX_TOKENS, "answer": ANSWER_TOKENS}})
     print(f"\nwritten to {path}")
 
 

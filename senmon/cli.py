@@ -301,53 +301,30 @@ def _connect(state: dict) -> None:
 
 
 def cmd_status(args, config: SenmonConfig) -> int:
-    import json
+    import asyncio
 
-    import ray
-
-    from senmon.actors.registry import serving_records_from_file
-    from senmon.storage import filesystem, read_bytes
-    from senmon.system import INGEST, REGISTRY, SCHEDULER, model_names
+    from senmon.status import TABLE_HEADERS, accuracy_line, collect_status, find_actor, table_rows
+    from senmon.system import INGEST, REGISTRY, SCHEDULER
 
     state = _running(config)
-    schedule, ingest = {}, None
+    registry = scheduler = ingest = None
     if state is None:
         print(f"senmon is not up (storage root {config.storage_root}); versions from the registry file:")
-        records = serving_records_from_file(config.storage_root, model_names(config))
     else:
         _connect(state)
         print(f"senmon is up since {state['started_at']}: {state['url']}, Ray {state['ray_address']}")
-        registry = ray.get_actor(REGISTRY)
-        records = {m: r for m in model_names(config) if (r := ray.get(registry.current.remote(m)))}
-        try:
-            schedule = ray.get(ray.get_actor(SCHEDULER).status.remote(), timeout=10)
-        except ValueError:
-            pass
-        try:
-            ingest = ray.get(ray.get_actor(INGEST).status.remote(), timeout=10)
-        except ValueError:
-            pass
-    new_docs = {name: info.get("new_documents") for name, info in (ingest or {}).get("specialists", {}).items()}
-    rows = []
-    for name in model_names(config):
-        record, sched = records.get(name), schedule.get(name, {})
-        last = sched.get("last_run") or {}
-        ppl = (record or {}).get("metrics", {}).get("val_ppl")
-        fresh = new_docs.get(name)
-        rows.append([name, f"v{record['version']}" if record else "-", f"{ppl:.1f}" if ppl else "-",
-                     f"{last.get('outcome', '-')} {last.get('ended_at') or ''}".strip(), sched.get("next_due") or "-",
-                     "-" if fresh is None else fresh])
-    _print_table(["model", "serving", "val ppl", "last training", "next due", "new docs"], rows)
-    fs, base = filesystem(config.storage_root)
-    meta = read_bytes(fs, f"{base}/router/router.json")
-    if meta:
-        meta = json.loads(meta)
-        print(f"router accuracy on the test split: documents {meta.get('test_accuracy_documents', 0):.1%}, "
-              f"100-character snippets {meta.get('test_accuracy_snippets_100', 0):.1%}")
-    if ingest:
+        registry, scheduler, ingest = (find_actor(name, None) for name in (REGISTRY, SCHEDULER, INGEST))
+    status = asyncio.run(collect_status(config, registry, scheduler, ingest))  # the same data as GET /status/data
+    _print_table(TABLE_HEADERS, table_rows(status))
+    if (line := accuracy_line(status)) is not None:
+        print(line)
+    if status["ingest"]:
         from senmon.ingest.metrics import format_ingest_status
 
-        print(format_ingest_status(ingest))
+        print(format_ingest_status(status["ingest"]))
+    for part, why in status["unavailable"].items():
+        if why != "not running":
+            print(f"senmon status: {part}: {why}", file=sys.stderr)
     return 0
 
 

@@ -319,6 +319,19 @@ class ServeConfig(_Strict):
                           description="Serve application of the router; specialists run as '<app_name>-<model>-v<N>'.")
     confidence_threshold: float = Field(
         0.5, ge=0, le=1, description="With model 'auto', a best score below this goes to the generalist.")
+    second_opinion: bool = Field(
+        True, description="With model 'auto', when the routing model is less sure than `second_opinion_below`, "
+                          "the serving models' own likelihood of the prompt decides (serve/likelihood.py): the "
+                          "specialist that explains it best, if it beats the generalist by `likelihood_margin`.")
+    second_opinion_below: float = Field(
+        0.7, ge=0, le=1.01, description="Routing-model confidence below which the likelihood second opinion decides "
+                                     "(chosen on validation text by bench/routing.py).")
+    likelihood_margin: float = Field(
+        0.1, description="Nats per token by which the best specialist must explain a prompt better than the "
+                         "generalist to answer it (chosen on validation text by bench/routing.py).")
+    likelihood_tokens: int = Field(
+        32, ge=8, le=4096, description="Prompt tokens the second opinion scores (its cost grows with them; "
+                                       "bench/routing.py measures answer quality at 16-64).")
     quality_aware: bool = Field(
         True, description="With model 'auto', send a request to a specialist only when its serving version's "
                           "validation perplexity on its own domains beats the generalist's serving version there.")

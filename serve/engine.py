@@ -60,8 +60,8 @@ class SenmonLLMServer(LLMServer):
     """LLMServer with a request gate, in-place weight swaps and verification (see the module doc)."""
 
     async def __init__(self, llm_config, *, senmon: dict, **kwargs):
-        # senmon: {"model", "app", "version", "path", "reference", "table", "namespace", "tolerance",
-        #          "poll_s", "drain_timeout_s"}
+        # senmon: {"model", "app", "version", "path", "reference", "table", "namespace", "storage_root",
+        #          "tolerance", "poll_s", "drain_timeout_s"}
         self._senmon = dict(senmon)
         self._weights = {"version": senmon["version"], "path": senmon["path"], "reference": senmon.get("reference")}
         self._open = asyncio.Event()
@@ -209,7 +209,8 @@ class SenmonLLMServer(LLMServer):
         if self._table is None:
             from senmon.serve.table import get_or_create_table
 
-            self._table = get_or_create_table(self._senmon["table"], self._senmon.get("namespace"))
+            self._table = get_or_create_table(self._senmon["table"], self._senmon.get("namespace"),
+                                               self._senmon.get("storage_root"))
         target = await self._table.engine_poll.remote(self._replica, self._senmon["app"], self._report())
         if target and target.get("version") is not None and target["version"] != self._weights["version"] \
                 and target["version"] not in self._refused:

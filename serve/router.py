@@ -2,9 +2,13 @@
 
 OpenAI-compatible `POST /v1/chat/completions` and `POST /v1/completions` (with `stream: true`
 as server-sent events), `GET /v1/models`, plus `POST /v1/route` (explain a routing decision
-without generating) and the admin endpoints `POST /admin/promote|rollback|reload`.
+without generating) and the admin endpoints `POST /admin/promote|rollback|reload`. `GET /status` is a status
+page for people and `GET /status/data` its data as JSON (serve/status_page.py, senmon/status.py).
 
-`model: "auto"` routes by content with the routing model (train/routing.py); a best score below
+`model: "auto"` routes by content with the routing model (train/routing.py). Where it is less sure than
+`serve.second_opinion_below`, the serving models' own likelihood of the prompt decides (serve/likelihood.py): the
+specialist that explains it best, or the generalist when none beats it by `serve.likelihood_margin` nats per
+token. Until the router holds those models (a second or two after start or a swap), a best score below
 `serve.confidence_threshold` goes to the generalist. A model's own name sends there directly.
 Each answer says who answered and how sure the router was, in the JSON body
 (`"senmon": {"specialist", "version", "confidence", "routing_ms", ...}`) and in headers
@@ -49,7 +53,9 @@ from senmon.config import SenmonConfig, load_config, parse_config
 from senmon.metrics import record_decision, record_error, record_request
 from senmon.serve.auth import Keys
 from senmon.serve.errors import ApiError, from_validation, install, rate_limited, responses, unavailable
+from senmon.serve.likelihood import LikelihoodScorer, decide
 from senmon.serve.ratelimit import RateLimiter, client_key
+from senmon.serve.status_page import DATA_ROUTE, PAGE_ROUTE, RouterStatus, page_response
 from senmon.serve.validation import (body_doc, check_max_tokens, parse_json, read_limited, request_schemas,
                                      validate_body)
 from senmon.serve.specialist import ENGINE_PREFIX
@@ -97,6 +103,7 @@ class Decision:
     best: str | None = None  # the routing model's first choice
     reason: str = ""
     compared: dict | None = None  # auto: the validation perplexities weighed against the fallback's
+    second_opinion: dict | None = None  # auto, classifier unsure: each model's nats/token on the prompt, and the call
 
     def headers(self) -> dict[str, str]:
         return {"x-senmon-specialist": self.specialist, "x-senmon-version": str(self.version),
@@ -186,11 +193,16 @@ class Router:
         namespace = self.config.ray.namespace
         self.registry = registry if not isinstance(registry, (str, type(None))) else \
             ray.get_actor(registry or REGISTRY_ACTOR, namespace=namespace)
-        self.table = table or get_or_create_table(self.config.serve.app_name, namespace)
+        self.table = table or get_or_create_table(self.config.serve.app_name, namespace,
+                                                  self.config.storage_root)
         self.generalist = self.config.generalist.name
         self.models = [s.name for s in self.config.specialists] + [self.generalist]
         self.routing = load_router(self.config.storage_root)
+        self.likelihood = LikelihoodScorer(self.config.serve.likelihood_tokens) if self.config.serve.second_opinion \
+            else None
+        self._likelihood_sync: asyncio.Task | None = None
         self.replica = uuid.uuid4().hex[:12]
+        self.status_view = RouterStatus(self.config, self.replica)  # /status: this replica's routing mix, admin swaps
         self.inflight: dict[str, int] = {}
         self.handles: dict[str, Any] = {}
         self.epoch, self.entries, self.routing_gen = -1, {}, 0
@@ -207,10 +219,28 @@ class Router:
         reply = await self.table.poll.remote(self.replica, self.epoch, self.inflight)
         if reply is not None:
             self.epoch, self.entries, routing_gen = reply
+            self._sync_likelihood()
             if routing_gen != self.routing_gen:
                 from senmon.train.routing import load_router
 
                 self.routing, self.routing_gen = load_router(self.config.storage_root), routing_gen
+
+    def _sync_likelihood(self) -> None:
+        """Load the serving weights the second opinion lacks, off the event loop, one sync at a time."""
+        if self.likelihood is None or not self.likelihood.wanted(self.entries):
+            return
+        if self._likelihood_sync is None or self._likelihood_sync.done():
+            entries = dict(self.entries)
+
+            async def sync():
+                try:
+                    loaded = await asyncio.to_thread(self.likelihood.sync, entries)
+                    if loaded:
+                        log.info("second opinion: loaded %s", ", ".join(loaded))
+                except Exception:  # the classifier alone routes meanwhile; the next poll tries again
+                    log.exception("second opinion: loading serving weights failed")
+
+            self._likelihood_sync = asyncio.get_running_loop().create_task(sync())
 
     async def _poll_forever(self) -> None:
         while True:
@@ -262,10 +292,16 @@ class Router:
         else:
             route = self.routing.route([text])[0]
             best, confidence = route.specialist, route.confidence
-        elapsed = (time.perf_counter() - started) * 1000
         threshold = self.config.serve.confidence_threshold
+        second = self._second_opinion(text, best, confidence)
+        elapsed = (time.perf_counter() - started) * 1000
         if best is None:
             chosen, route, reason = self.generalist, "fallback", "no routing model or no text"
+        elif second is not None:
+            chosen = second.pop("chosen")
+            route = "fallback" if chosen is None else "auto"
+            chosen, best = chosen or self.generalist, second["best"]
+            reason = f"confidence {confidence:.2f} below {self.config.serve.second_opinion_below:.2f}; {second['reason']}"
         elif confidence < threshold:
             chosen, route, reason = self.generalist, "fallback", f"confidence {confidence:.2f} below {threshold:.2f}"
         elif best not in self.entries:
@@ -280,7 +316,23 @@ class Router:
                        f"({compared['fallback_val_ppl']:.1f})")
         if chosen == self.generalist and chosen not in self.entries and best in self.entries:
             chosen, route, reason = best, "auto", reason + "; no generalist serving, so the best specialist answers"
-        return Decision(chosen, self._version(chosen), confidence, elapsed, route, best, reason, compared)
+        return Decision(chosen, self._version(chosen), confidence, elapsed, route, best, reason, compared, second)
+
+    def _second_opinion(self, text: str, best: str | None, confidence: float) -> dict | None:
+        """The likelihood decision (serve/likelihood.py) when the classifier is unsure and the router holds the
+        serving models; None otherwise."""
+        serve_config = self.config.serve
+        if (best is None or confidence >= serve_config.second_opinion_below or self.likelihood is None
+                or not self.likelihood.ready):
+            return None
+        names = [m for m in self.entries if m in self.likelihood.models]
+        if not any(m != self.generalist for m in names):
+            return None
+        nll, ms = self.likelihood.timed_nll(text, names)
+        decision = decide(nll, self.generalist, serve_config.likelihood_margin)
+        return {"chosen": decision.chosen, "best": decision.best, "gain": decision.gain,
+                "margin": serve_config.likelihood_margin, "nll": dict(sorted(nll.items(), key=lambda kv: kv[1])),
+                "ms": ms, "reason": decision.reason}
 
     def compare_with_fallback(self, specialist: str) -> dict | None:
         """The serving versions' validation perplexity on `specialist`'s domains (geometric mean over
@@ -305,6 +357,7 @@ class Router:
         decision = self.decide(AUTO, text)
         scores = self.routing.route([text])[0].scores if self.routing is not None and text.strip() else {}
         return {**asdict(decision), "threshold": self.config.serve.confidence_threshold,
+                "second_opinion_below": self.config.serve.second_opinion_below if self.likelihood else None,
                 "quality_aware": self.config.serve.quality_aware,
                 "scores": dict(sorted(scores.items(), key=lambda kv: -kv[1]))}
 
@@ -326,6 +379,7 @@ class Router:
             raise client from None
         decision = self.decide(body.get("model"), prompt_text(kind, body))
         record_decision(decision)
+        self.status_view.decided(decision)
         check_max_tokens(body, decision.specialist, self._max_model_len(decision.specialist))
         default = self.config.serve.default_max_tokens
         if default and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
@@ -546,6 +600,15 @@ class Router:
     async def http_health(self):
         return {"status": "ok", "serving": {m: e["version"] for m, e in self.entries.items()}}
 
+    @app.get("/status", **PAGE_ROUTE)
+    async def http_status_page(self):
+        return page_response()  # the shell holds no data, so it needs no key; its script fetches /status/data
+
+    @app.get("/status/data", **DATA_ROUTE)
+    async def http_status_data(self, request: Request):
+        self._check_api(request)
+        return await self.status_view.data_response(self.registry)
+
     # ----------------------------------------------------------------- admin
 
     async def _admin(self, request: Request, action: str) -> dict:
@@ -563,6 +626,7 @@ class Router:
             if not wait:
                 return await self._follow_later(ref, {"action": "reload"}, after=self.table.bump_routing)
             results = await ref
+            self.status_view.swapped("reload", results)
             await self.table.bump_routing.remote()
             return {"action": "reload", "swaps": results}
         model = body.get("specialist") or body.get("model")
@@ -598,8 +662,10 @@ class Router:
         except ray.exceptions.RayTaskError as error:
             cause = getattr(error, "cause", None)
             if isinstance(cause, SwapError):
+                self.status_view.swapped(action, None, record, "refused", str(cause.args[0]))
                 raise ApiError(409, str(cause.args[0]), code="swap_refused") from None
             raise
+        self.status_view.swapped(action, swap, record)
         return {"action": action, "record": record, "swap": swap}
 
     async def _follow_later(self, ref, answer: dict, after=None) -> JSONResponse:
@@ -622,6 +688,7 @@ class Router:
                 error = str(cause.args[0]) if isinstance(cause, SwapError) else f"{type(cause).__name__}: {cause}"
             except Exception as failure:
                 result, status, error = None, "failed", f"{type(failure).__name__}: {failure}"
+            self.status_view.swapped(answer["action"], result, answer.get("record"), status, error)
             await self.table.record_swap.remote(swap_id, {**state, "status": status, "result": result, "error": error,
                                                           "ended_at": time.time()})
 

@@ -310,6 +310,7 @@ def test_fallback_kinds_follow_the_routers_reasons(make_config):
 
     def decide(confidence, entries, routing=True):
         router.routing = _Routing("law", confidence) if routing else None
+        router.likelihood = None
         router.entries = entries
         return router.decide("auto", "GNU General Public License")
 

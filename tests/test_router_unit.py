@@ -9,6 +9,7 @@ import time
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from senmon import metrics as m
 from senmon.serve.auth import Keys
 from senmon.serve.errors import ApiError, from_validation
 from senmon.serve.router import app, prompt_text
@@ -245,7 +246,7 @@ def _router(make_config, law_ppl: float, fallback_ppl: float | None, quality_awa
     router = Router.__new__(Router)
     router.config, router.generalist = config, config.generalist.name
     router.models = [s.name for s in config.specialists] + [router.generalist]
-    router.routing = _Routing("law", 0.97)
+    router.routing, router.likelihood = _Routing("law", 0.97), None
     router.entries = {"law": {"app": "a-law", "version": 3, "quality": {"law": law_ppl, "code": 500.0}},
                       router.generalist: {"app": "a-g", "version": 1,
                                           "quality": None if fallback_ppl is None else {"law": fallback_ppl}}}
@@ -270,6 +271,49 @@ def test_auto_sends_to_a_specialist_only_where_it_beats_the_fallback(make_config
     assert off.specialist == "law" and off.compared is None
     unknown = _router(make_config, law_ppl=70.0, fallback_ppl=None).decide("auto", "GPL")
     assert unknown.specialist == "law" and unknown.compared is None  # no numbers: routing alone decides
+
+
+class _Scorer:
+    """A stand-in for serve/likelihood.py's scorer: fixed nats/token per model."""
+
+    def __init__(self, nll: dict[str, float]):
+        self.nll, self.models, self.ready, self.calls = nll, dict.fromkeys(nll), True, 0
+
+    def timed_nll(self, text, names):
+        self.calls += 1
+        return {n: self.nll[n] for n in names}, 3.0
+
+
+def test_the_likelihood_second_opinion_decides_only_when_the_classifier_is_unsure(make_config):
+    from senmon.serve.likelihood import decide
+
+    router = _router(make_config, law_ppl=40.0, fallback_ppl=60.0)
+    router.entries["code"] = {"app": "a-code", "version": 2, "quality": None}
+    below = router.config.serve.second_opinion_below
+    router.likelihood = _Scorer({"law": 3.1, "code": 2.5, router.generalist: 2.9})
+
+    sure = router.decide("auto", "GNU General Public License")  # 0.97: the classifier alone
+    assert (sure.specialist, sure.second_opinion, router.likelihood.calls) == ("law", None, 0)
+
+    router.routing = _Routing("law", below - 0.01)
+    unsure = router.decide("auto", "GNU General Public License")  # code explains it best, by 0.4 nats/token
+    assert (unsure.specialist, unsure.route, unsure.best) == ("code", "auto", "code")
+    assert unsure.second_opinion["nll"] == {"code": 2.5, router.generalist: 2.9, "law": 3.1}
+    assert unsure.second_opinion["gain"] == pytest.approx(0.4) and "code saves 0.400 nats/token" in unsure.reason
+
+    router.likelihood = _Scorer({"law": 3.0, "code": 2.95, router.generalist: 2.9})  # none beats the generalist
+    none = router.decide("auto", "text of no domain")
+    assert (none.specialist, none.route, none.best) == (router.generalist, "fallback", "code")
+    assert m.fallback_kind(none.reason) == "likelihood"
+
+    router.likelihood.ready = False  # weights not loaded yet: the confidence threshold decides, as before
+    assert router.decide("auto", "GNU General Public License").second_opinion is None
+
+    assert decide({"law": 2.0, "g": 2.1}, "g", margin=0.2).chosen is None
+    assert decide({"law": 2.0, "g": 2.3}, "g", margin=0.2).chosen == "law"
+    assert decide({"law": 2.0, "code": 1.0}, "g", margin=0.2).chosen == "code"  # no generalist: the best
+    with pytest.raises(ValueError):
+        decide({"g": 1.0}, "g", margin=0.0)
 
 
 # ----------------------------------------------------------------- rate limits (serve/ratelimit.py)

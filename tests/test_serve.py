@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 API_KEY, ADMIN_KEY = "test-api-key", "test-admin-key"
 MAX_LEN = 128
 THRESHOLD = 0.6
+MARGIN = 50.0  # nats/token: more than any tiny random model can save over another
 pytestmark = pytest.mark.slow
 
 LAW = "This program is free software; you can redistribute it under the terms of the GNU General Public License."
@@ -65,7 +66,10 @@ def served(ray_local, tmp_path_factory, embedded_config_data):
     data["generalist"]["serving"] = {"max_model_len": MAX_LEN}
     data["http"] = {"host": "127.0.0.1", "port": free_port(), "api_keys": [API_KEY], "admin_keys": [ADMIN_KEY],
                     "api_keys_env": None, "admin_keys_env": None}
-    data["serve"] = dict(data["serve"], app_name="stest", confidence_threshold=THRESHOLD, drain_timeout_s=30)
+    # the second opinion (random-weight models here) only below THRESHOLD, and with a margin no specialist meets:
+    # what the classifier is sure of routes as it says; what it is unsure of falls back, after the likelihoods
+    data["serve"] = dict(data["serve"], app_name="stest", confidence_threshold=THRESHOLD, drain_timeout_s=30,
+                         second_opinion_below=THRESHOLD, likelihood_margin=MARGIN)
     config = parse_config(data, source="test", base_dir=REPO / "configs")
 
     store = DatasetStore(config.storage_root)
@@ -160,6 +164,30 @@ def test_low_confidence_falls_back_to_the_generalist(served):
     assert raw.headers["x-senmon-specialist"] == "generalist"
     assert float(raw.headers["x-senmon-confidence"]) < THRESHOLD
     assert raw.parse().model_extra["senmon"]["route"] == "fallback"
+
+
+def test_unsure_routing_asks_every_serving_model_for_its_likelihood(served):
+    """Below the classifier threshold, the router scores the prompt with its copies of the serving checkpoints
+    (loaded from the serving table in the background) and explains the call in /v1/route and the answer."""
+    deadline, explained = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        explained = post(served, "/v1/route", {"prompt": VAGUE}).json()
+        if explained["second_opinion"] is not None:
+            break
+        time.sleep(0.5)
+    second = explained["second_opinion"]
+    assert second is not None, explained
+    assert set(second["nll"]) == {"law", "japanese", "generalist"}  # every serving model, no unserved one
+    assert all(0 < value < 20 for value in second["nll"].values())  # nats/token of a 1024-token vocabulary
+    best = min(["law", "japanese"], key=second["nll"].get)
+    assert second["best"] == explained["best"] == best
+    assert second["gain"] == pytest.approx(second["nll"]["generalist"] - second["nll"][best])
+    assert second["margin"] == MARGIN and second["ms"] > 0
+    assert explained["specialist"] == "generalist" and explained["route"] == "fallback"
+    assert "under the margin" in explained["reason"] and explained["second_opinion_below"] == THRESHOLD
+
+    answer = client(served).completions.create(model="auto", prompt=VAGUE, max_tokens=2).model_extra["senmon"]
+    assert answer["second_opinion"]["best"] == best and answer["specialist"] == "generalist"
 
 
 def test_models_and_route_explain(served):
@@ -469,3 +497,55 @@ def test_replica_refuses_weights_it_cannot_verify_and_goes_back(served):
     assert wait_engines(table, entry["app"], entry["version"], 30)["done"]
     answer = post(served, "/v1/completions", {"model": "law", "prompt": LAW, "max_tokens": 2})
     assert answer.status_code == 200 and answer.headers["x-senmon-version"] == str(entry["version"])
+
+
+# --------------------------------------------------------------------------- the status page
+
+
+def test_status_page_in_chromium(served):
+    """`/status` in a real headless Chromium (tests/chromium.py, over the DevTools protocol): the key in the URL
+    fragment, the data fetched from `/status/data` with it, every serving model shown with its version and a
+    perplexity plot, this replica's routing mix, no console error; a screenshot lands in var/status-page.png."""
+    from chromium import Chromium
+
+    config, registry, deployment = served
+    url, auth = deployment.url, {"Authorization": f"Bearer {API_KEY}"}
+    for model, prompt in (("auto", LAW), ("japanese", "x")):  # decisions for the routing mix
+        assert post(served, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 2}).status_code == 200
+
+    assert_openai_error(httpx.get(url + "/status/data", timeout=30), 401, "missing API key")
+    data = httpx.get(url + "/status/data", headers=auth, timeout=30).json()
+    names = [config.generalist.name] + [s.name for s in config.specialists]
+    serving = {m: r["version"] for m in names if (r := ray.get(registry.current.remote(m))) is not None}
+    assert {m["name"]: m["serving"]["version"] for m in data["models"] if m["serving"]} == serving
+    assert set(serving) == {"law", "japanese", "generalist"}
+    assert data["routing"]["by_model"]["law"]["auto"] >= 1 and data["routing"]["by_model"]["japanese"]["named"] >= 1
+    assert data["unavailable"]["scheduler"] == "not running"  # this module serves without a scheduler or ingest
+    page = httpx.get(url + "/status", timeout=30)  # the shell: no key, no data
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "connect-src 'self'" in page.headers["content-security-policy"] and "japanese" not in page.text
+    schema = httpx.get(url + "/openapi.json", timeout=30).json()["paths"]
+    assert "text/html" in schema["/status"]["get"]["responses"]["200"]["content"]
+    documented = schema["/status/data"]["get"]["responses"]
+    assert {"200", "401", "429"} <= set(documented)
+    assert documented["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/StatusData"}
+
+    with Chromium() as browser:
+        started = time.monotonic()
+        browser.open(f"{url}/status#key={API_KEY}")
+        browser.wait_for("document.body.dataset.state === 'ready'", timeout_s=60)
+        rendered_s = time.monotonic() - started
+        shown = browser.evaluate("""Object.fromEntries([...document.querySelectorAll('#models tr[data-model]')]
+                                    .map(r => [r.dataset.model, r.querySelector('.serving').textContent]))""")
+        assert {m: shown[m] for m in serving} == {m: f"v{v}" for m, v in serving.items()}, shown
+        for model, version in serving.items():  # a plot per model, its serving version marked
+            marked = browser.evaluate(f"""[...document.querySelectorAll('svg[data-plot="{model}"] circle')]
+                                          .filter(c => c.dataset.status === 'serving').map(c => c.dataset.version)""")
+            assert marked == [str(version)], (model, marked)
+        auto = browser.evaluate("document.querySelector('#routing tr[data-model=\"law\"] td:nth-child(2)').textContent")
+        assert int(auto) >= 1
+        assert browser.evaluate("location.hash") == ""  # the key left the address bar
+        browser.pump(0.5)
+        assert browser.errors == [], browser.errors
+        shot = browser.screenshot(REPO / "var" / "status-page.png")
+    assert shot.stat().st_size > 10_000 and rendered_s < 30

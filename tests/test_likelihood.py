@@ -1,0 +1,85 @@
+"""The likelihood second opinion (serve/likelihood.py) on real checkpoints: the stacked forward pass matches
+transformers, the scorer follows the serving table, and the decision follows the numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from senmon.serve.likelihood import LikelihoodScorer, StackedLlama, decide, stackable
+from senmon.train.tokenizer import train_tokenizer
+
+TEXTS = ["The licensee shall not be liable for damages arising from the use of the software.",
+         "def parse(line):\n    return line.split(',')", "吾輩は猫である。名前はまだ無い。"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json() -> str:
+    return train_tokenizer(TEXTS * 20, vocab_size=300).backend_tokenizer.to_str()
+
+
+def _llama(seed: int, kv_heads: int = 2, hidden: int = 64, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                parameter.normal_(0.0, 0.1)
+            else:
+                parameter.uniform_(0.5, 1.5)  # norms that are not all ones, so a missed norm shows
+    return model
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
+def test_stacked_models_give_transformers_log_probabilities(kv_heads):
+    models = [_llama(seed, kv_heads) for seed in range(3)]
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = StackedLlama(models).token_nll(ids)
+        for index, model in enumerate(models):
+            logits = model(input_ids=ids).logits[:, :-1]
+            reference = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            assert torch.allclose(ours[index], reference, atol=1e-4), (index, (ours[index] - reference).abs().max())
+
+
+def test_scorer_follows_the_serving_table_and_groups_what_it_can_stack(tmp_path, tokenizer_json):
+    from senmon.serve.testing import tiny_checkpoint
+
+    paths = {name: tiny_checkpoint(tmp_path / name, tokenizer_json, max_len=64, seed=seed, init_std=0.05)
+             for seed, name in enumerate(["law", "code", "generalist"])}
+    wide = tiny_checkpoint(tmp_path / "wide", tokenizer_json, hidden_size=96, max_len=64, seed=5, init_std=0.05)
+    scorer = LikelihoodScorer(max_tokens=16)
+    entries = {name: {"version": 1, "path": path} for name, path in paths.items()}
+    assert scorer.sync(entries) == ["law", "code", "generalist"] and scorer.ready
+    assert scorer.sync(entries) == []  # nothing changed, nothing loaded again
+
+    nll = scorer.nll(TEXTS)
+    assert [set(row) for row in nll] == [set(paths)] * len(TEXTS)
+    for name, path in paths.items():  # each model's own transformers forward agrees with the stacked one
+        model = scorer.models[name][2]
+        ids = torch.tensor([scorer.ids(TEXTS[0], 16)])
+        logits = model(input_ids=ids).logits[:, :-1]
+        expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:]).item()
+        assert nll[0][name] == pytest.approx(expected, abs=1e-4)
+
+    entries["code"] = {"version": 2, "path": wide}  # a new version of another shape: its own group
+    entries.pop("law")  # no longer served: dropped
+    assert scorer.sync(entries) == ["code"] and set(scorer.models) == {"code", "generalist"}
+    row = scorer.nll(TEXTS[:1])[0]
+    assert set(row) == {"code", "generalist"}
+    assert sorted(len(group) for group, _ in scorer._stacks({n: m for n, (_, _, m) in scorer.models.items()})) == [1, 1]
+    assert stackable(scorer.models["code"][2]) != stackable(scorer.models["generalist"][2])
+
+    assert scorer.sync({"gone": {"version": 1, "path": str(tmp_path / "missing")}}) == []  # not a local path
+
+
+def test_decision_follows_the_nats_per_token():
+    assert decide({"law": 2.0, "code": 2.5, "g": 2.4}, "g", margin=0.0).chosen == "law"
+    close = decide({"law": 2.35, "code": 2.5, "g": 2.4}, "g", margin=0.1)
+    assert close.chosen is None and close.best == "law" and close.gain == pytest.approx(0.05)
+    assert "under the margin" in close.reason
