@@ -187,6 +187,9 @@ class Router:
         from senmon.serve.table import get_or_create_table
         from senmon.train.routing import load_router
 
+        # vLLM's request models: importing them takes seconds (tens under load), so at start, not in the first request
+        import ray.serve.llm.openai_api_models  # noqa: F401
+
         self.config = as_config(config)
         self.keys = Keys.from_config(self.config.http)
         self.limiter = RateLimiter.from_config(self.config.http.rate_limit)  # None: no limit
