@@ -549,3 +549,84 @@ def test_status_page_in_chromium(served):
         assert browser.errors == [], browser.errors
         shot = browser.screenshot(REPO / "var" / "status-page.png")
     assert shot.stat().st_size > 10_000 and rendered_s < 30
+
+
+# --------------------------------------------------------------------------- the schema, fuzzed (schemathesis)
+
+FUZZ_EXAMPLES = {"POST /v1/chat/completions": 30, "POST /v1/completions": 30, "POST /v1/route": 15}  # others: 8
+FUZZ_EXCLUDED = {"POST /admin/reload": "re-syncs every model with the registry: a swap under the other tests"}
+FUZZ_MAX_TOKENS = 4  # generation asks for at most this many tokens (the schema allows up to the context)
+
+
+def test_schemathesis_every_operation_no_server_error_and_responses_conform(served):
+    """schemathesis (issue 12) against the live router, loaded from its own /openapi.json: every operation
+    (but the one that swaps models), with keys, a fixed seed and a bounded number of cases each. No response
+    may be a 5xx, and each must have a documented status code, content type and body schema.
+
+    Generated bodies keep their fields, except: generation asks for at most FUZZ_MAX_TOKENS tokens, and
+    `model` is often a real one (auto or a served model) so that the engines
+    see the fuzzed parameters; otherwise nearly every case would end as 404 at the router."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.core.failures import FailureGroup
+    from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
+                                                   response_schema_conformance, status_code_conformance)
+
+    config = served[0]
+    url = served[2].url
+    schema = schemathesis.openapi.from_url(url + "/openapi.json", timeout=30)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+              response_schema_conformance]
+    models = ["auto", *sorted(served[2].models)]  # the served ones: "code" (no serving version) is a 503 by design
+    operations = [result.ok() for result in schema.get_all_operations()]
+    labels = [op.label for op in operations]
+    assert set(FUZZ_EXCLUDED) <= set(labels) and len(labels) >= 12, labels
+    per_operation, failures, slowest = {}, [], (0.0, "")
+    started = time.monotonic()
+    for operation in operations:
+        if operation.label in FUZZ_EXCLUDED:
+            continue
+        key = ADMIN_KEY if operation.path.startswith("/admin") else API_KEY
+        headers = {"Authorization": f"Bearer {key}"}
+        counted = per_operation.setdefault(operation.label, {"cases": 0, "statuses": {}})
+
+        @settings(max_examples=FUZZ_EXAMPLES.get(operation.label, 8), derandomize=True, database=None, deadline=None,
+                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(), model=st.none() | st.sampled_from(models))
+        def run(case, model):
+            nonlocal slowest
+            if isinstance(case.body, dict) and "completions" in operation.path:
+                if model is not None:
+                    case.body["model"] = model
+                for field in ("max_tokens", "max_completion_tokens"):
+                    if isinstance(case.body.get(field), int):
+                        case.body[field] = min(case.body[field], FUZZ_MAX_TOKENS)
+                case.body.setdefault("max_tokens", FUZZ_MAX_TOKENS)
+            sent = time.monotonic()
+            response = case.call(base_url=url, headers=headers, timeout=120)
+            took = time.monotonic() - sent
+            slowest = max(slowest, (took, f"{operation.label} {json.dumps(case.body, default=str)[:300]}"))
+            counted["cases"] += 1
+            status = str(response.status_code)
+            counted["statuses"][status] = counted["statuses"].get(status, 0) + 1
+            try:
+                case.validate_response(response, checks=checks, headers=headers)
+            except (Exception, FailureGroup) as failure:  # every failing case is collected; the run goes on
+                failures.append(f"{operation.label} {json.dumps(case.body, default=str)[:500]} -> {response.status_code} "
+                                f"{response.text[:300]}\n{failure}"[:3000])
+
+        run()
+    elapsed = time.monotonic() - started
+    cases = sum(c["cases"] for c in per_operation.values())
+    from reliability import record_figure
+
+    record_figure("test_schemathesis", {
+        "schemathesis": schemathesis.__version__, "operations": len(per_operation), "cases": cases,
+        "failures": len(failures), "seconds": round(elapsed, 1), "slowest_case_s": round(slowest[0], 2),
+        "excluded": FUZZ_EXCLUDED, "per_operation": per_operation})
+    assert not failures, f"{len(failures)} of {cases} cases failed:\n\n" + "\n\n".join(failures[:10])
+    assert len(per_operation) == len(labels) - len(FUZZ_EXCLUDED) and all(c["cases"] for c in per_operation.values())
+    assert any(c["statuses"].get("200") for label, c in per_operation.items() if "completions" in label)
+    assert elapsed < 60, f"the schemathesis run took {elapsed:.0f} s (slowest case {slowest[0]:.1f} s: {slowest[1]})"
