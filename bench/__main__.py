@@ -5,7 +5,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-BENCHMARKS = ["specialists", "serving", "ingest", "freshness", "routing"]
+BENCHMARKS = ["specialists", "serving", "ingest", "freshness", "routing", "reliability"]
 
 
 def main() -> None:
