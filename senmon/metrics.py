@@ -31,7 +31,11 @@ log = logging.getLogger("senmon.metrics")
 
 PREFIX = "senmon_"
 EXPORT_PREFIX = "ray_"  # what Ray's Prometheus exporter puts in front of every custom metric
-FRESHNESS_TICK_S = 15.0
+# How often the registry's process sets its per-model gauges again (freshness counts up; version and perplexity are
+# repeated). Ray's exporter drops a gauge series that no report has carried for two report intervals (2 x 10 s by
+# default), and a process reports a gauge only when it was set: one set at a promotion and never again leaves the
+# scrape within about 30 s.
+FRESHNESS_TICK_S = 5.0
 
 ROUTES = ("auto", "named", "fallback")
 FALLBACK_REASONS = ("low_confidence", "likelihood", "no_serving_version", "worse_than_fallback", "no_routing")
@@ -296,6 +300,7 @@ def record_rollback(model: Any) -> None:
 
 
 _created: dict[str, float] = {}  # model -> epoch seconds its serving version was registered
+_serving: dict[str, dict[str, float]] = {}  # model -> {"serving_version": ..., "serving_val_ppl": ...}, as last set
 _ticker: threading.Thread | None = None
 
 
@@ -312,15 +317,24 @@ def _tick_freshness() -> None:
         metrics().freshness_seconds.set(max(now - created, 0.0), {"model": model})
 
 
+def _refresh_serving() -> None:
+    """Set the serving gauges again to what `record_serving` last set, so they stay in the scrape."""
+    for model, values in list(_serving.items()):
+        for attr, value in list(values.items()):
+            getattr(metrics(), attr).set(value, {"model": model})
+
+
 def _freshness_loop() -> None:
     while True:
         time.sleep(FRESHNESS_TICK_S)
         _safely("freshness", _tick_freshness)
+        _safely("serving", _refresh_serving)
 
 
 def record_serving(records: Any) -> None:
     """Each model's serving version from the registry's records (`{model: [record, ...]}`): its version,
-    validation perplexity and freshness. Freshness keeps counting up in a daemon thread of this process."""
+    validation perplexity and freshness. A daemon thread of this process keeps freshness counting up and sets
+    all three again every FRESHNESS_TICK_S."""
     def do():
         global _ticker
         for model, versions in (records or {}).items():
@@ -331,9 +345,11 @@ def record_serving(records: Any) -> None:
             version = _number(serving.get("version"))
             if version is not None:
                 metrics().serving_version.set(version, tags)
+                _serving.setdefault(tags["model"], {})["serving_version"] = version
             ppl = _number((serving.get("metrics") or {}).get("val_ppl"))
             if ppl is not None:
                 metrics().serving_val_ppl.set(ppl, tags)
+                _serving.setdefault(tags["model"], {})["serving_val_ppl"] = ppl
             created = _parse_time(serving.get("created_at"))
             if created is not None:
                 _created[tags["model"]] = created

@@ -174,6 +174,13 @@ class _Api(FastAPI):
         return self.openapi_schema
 
 
+# Documented answers besides the errors: a generation's 200 is JSON, or SSE with `stream: true`; an admin call
+# with `"wait": false` is 202 with the swap's id to follow.
+_STREAMED = {200: {"description": "the completion; with `stream: true`, server-sent events (the first has `senmon`)",
+                   "content": {"text/event-stream": {}}}}
+_FOLLOW = {202: {"description": '`"wait": false`: the swap goes on; `follow` is its state (GET /admin/swaps/{id})',
+                 "content": {"application/json": {"schema": {"type": "object"}}}}}
+
 app = _Api(title="senmon", description="One LLM made of many small specialists, OpenAI-compatible.")
 install(app)
 
@@ -570,12 +577,12 @@ class Router:
         return JSONResponse(result, headers=decision.headers())
 
     @app.post("/v1/chat/completions", openapi_extra=body_doc("chat"),
-              responses=responses(400, 401, 404, 413, 429, 503))
+              responses={**_STREAMED, **responses(400, 401, 404, 413, 429, 503)})
     async def http_chat(self, request: Request):
         return await self._http_generate("chat", request)
 
     @app.post("/v1/completions", openapi_extra=body_doc("completions"),
-              responses=responses(400, 401, 404, 413, 429, 503))
+              responses={**_STREAMED, **responses(400, 401, 404, 413, 429, 503)})
     async def http_completions(self, request: Request):
         return await self._http_generate("completions", request)
 
@@ -699,7 +706,7 @@ class Router:
         self.followers.append(asyncio.get_running_loop().create_task(follow()))
         return JSONResponse({**state, "follow": f"/admin/swaps/{swap_id}"}, status_code=202)
 
-    @app.get("/admin/swaps/{swap_id}")
+    @app.get("/admin/swaps/{swap_id}", responses=responses(401, 403, 404))
     async def http_swap(self, swap_id: str, request: Request):
         self.keys.check_admin(request.headers.get("authorization"))
         state = await self.table.swap_state.remote(swap_id)
@@ -707,15 +714,15 @@ class Router:
             raise ApiError(404, f"no swap with id '{swap_id}'", param="swap_id", code="not_found")
         return state
 
-    @app.post("/admin/promote")
+    @app.post("/admin/promote", responses={**_FOLLOW, **responses(400, 401, 403, 404, 409, 413)})
     async def http_promote(self, request: Request):
         return await self._admin(request, "promote")
 
-    @app.post("/admin/rollback")
+    @app.post("/admin/rollback", responses={**_FOLLOW, **responses(400, 401, 403, 404, 409, 413)})
     async def http_rollback(self, request: Request):
         return await self._admin(request, "rollback")
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", responses={**_FOLLOW, **responses(400, 401, 403, 413)})
     async def http_reload(self, request: Request):
         return await self._admin(request, "reload")
 

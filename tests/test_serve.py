@@ -553,7 +553,8 @@ def test_status_page_in_chromium(served):
 
 # --------------------------------------------------------------------------- the schema, fuzzed (schemathesis)
 
-FUZZ_EXAMPLES = {"POST /v1/chat/completions": 30, "POST /v1/completions": 30, "POST /v1/route": 15}  # others: 8
+# cases per operation (others: 8); most generated chat bodies are refused with 400, by vLLM's own checks mostly
+FUZZ_EXAMPLES = {"POST /v1/chat/completions": 50, "POST /v1/completions": 30, "POST /v1/route": 15}
 FUZZ_EXCLUDED = {"POST /admin/reload": "re-syncs every model with the registry: a swap under the other tests"}
 FUZZ_MAX_TOKENS = 4  # generation asks for at most this many tokens (the schema allows up to the context)
 
@@ -564,8 +565,8 @@ def test_schemathesis_every_operation_no_server_error_and_responses_conform(serv
     may be a 5xx, and each must have a documented status code, content type and body schema.
 
     Generated bodies keep their fields, except: generation asks for at most FUZZ_MAX_TOKENS tokens, and
-    `model` is often a real one (auto or a served model) so that the engines
-    see the fuzzed parameters; otherwise nearly every case would end as 404 at the router."""
+    `model` is often a real one (auto or a served model) so that the engines see the fuzzed parameters;
+    otherwise nearly every case would end as 404 at the router."""
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
@@ -574,7 +575,6 @@ def test_schemathesis_every_operation_no_server_error_and_responses_conform(serv
     from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
                                                    response_schema_conformance, status_code_conformance)
 
-    config = served[0]
     url = served[2].url
     schema = schemathesis.openapi.from_url(url + "/openapi.json", timeout=30)
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
@@ -590,7 +590,7 @@ def test_schemathesis_every_operation_no_server_error_and_responses_conform(serv
             continue
         key = ADMIN_KEY if operation.path.startswith("/admin") else API_KEY
         headers = {"Authorization": f"Bearer {key}"}
-        counted = per_operation.setdefault(operation.label, {"cases": 0, "statuses": {}})
+        counted = per_operation.setdefault(operation.label, {"cases": 0, "statuses": {}, "failures": 0})
 
         @settings(max_examples=FUZZ_EXAMPLES.get(operation.label, 8), derandomize=True, database=None, deadline=None,
                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
@@ -614,6 +614,7 @@ def test_schemathesis_every_operation_no_server_error_and_responses_conform(serv
             try:
                 case.validate_response(response, checks=checks, headers=headers)
             except (Exception, FailureGroup) as failure:  # every failing case is collected; the run goes on
+                counted["failures"] += 1
                 failures.append(f"{operation.label} {json.dumps(case.body, default=str)[:500]} -> {response.status_code} "
                                 f"{response.text[:300]}\n{failure}"[:3000])
 
@@ -630,3 +631,133 @@ def test_schemathesis_every_operation_no_server_error_and_responses_conform(serv
     assert len(per_operation) == len(labels) - len(FUZZ_EXCLUDED) and all(c["cases"] for c in per_operation.values())
     assert any(c["statuses"].get("200") for label, c in per_operation.items() if "completions" in label)
     assert elapsed < 60, f"the schemathesis run took {elapsed:.0f} s (slowest case {slowest[0]:.1f} s: {slowest[1]})"
+
+
+# --------------------------------------------------------------------------- metrics, scraped from Ray's exporter
+
+# Dashboard metrics this module's traffic cannot produce (issue 14): {exported name: what would produce it}
+NOT_SCRAPED = {
+    **{name: "a swap (tests/test_system.py; here only test_in_place_promotion_and_rollback_under_load swaps)"
+       for name in ("ray_senmon_swaps_total", "ray_senmon_swap_duration_seconds_bucket",
+                    "ray_senmon_swap_duration_seconds_sum", "ray_senmon_swap_duration_seconds_count")},
+    "ray_senmon_rollbacks_total": "a rollback (only test_in_place_promotion_and_rollback_under_load rolls back)",
+    **{name: "a retraining run of the scheduler (tests/test_scheduler.py, tests/test_system.py)"
+       for name in ("ray_senmon_training_runs_total", "ray_senmon_training_duration_seconds_bucket",
+                    "ray_senmon_training_duration_seconds_sum", "ray_senmon_training_duration_seconds_count")},
+    **{name: "the ingest bridge reading Kafka (tests/test_ingest.py)"
+       for name in ("ray_senmon_ingest_messages_total", "ray_senmon_ingest_domain_documents_total",
+                    "ray_senmon_ingest_dead_letters_total", "ray_senmon_ingest_lag", "ray_senmon_ingest_new_documents")},
+}
+SCRAPE_WAIT_S = 40  # workers push their metrics to the node's agent every few seconds (Ray's report interval)
+
+
+def scrape_metrics() -> list[tuple[str, dict, float]]:
+    """Every sample on each live node's Prometheus export port (Ray's metrics agent), as (name, labels, value).
+    The agent listens on every interface; this one-node test cluster is read on loopback."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = []
+    for node in ray.nodes():
+        if not node.get("Alive") or not node.get("MetricsExportPort"):
+            continue
+        text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            samples.extend((s.name, s.labels, s.value) for s in family.samples)
+    return samples
+
+
+def total(samples, name: str, **labels) -> float:
+    return sum(value for n, have, value in samples if n == name and all(have.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_endpoint_shows_the_traffic_and_every_dashboard_metric_it_makes(served):
+    """Issue 14: traffic through the router (auto, named, a fallback, a 400 and a 404, streamed and not), then
+    Ray's Prometheus endpoint must show each senmon series that traffic recorded, grown by it, vLLM's engine
+    series the dashboard reads (with `model_name` = senmon's model names, which the dashboard's $model filters
+    on), and every metric name docs/grafana/senmon.json queries but those in NOT_SCRAPED."""
+    from test_metrics import _expressions, metric_names
+
+    try:
+        before = scrape_metrics()
+    except httpx.HTTPError:  # the agent not up yet: everything counts from zero
+        before = []
+    c = client(served)
+    c.chat.completions.create(model="auto", messages=[{"role": "user", "content": LAW}], max_tokens=3)
+    list(c.chat.completions.create(model="auto", messages=[{"role": "user", "content": JAPANESE}], max_tokens=3,
+                                   stream=True))
+    c.completions.create(model="law", prompt=JAPANESE, max_tokens=3)
+    list(c.completions.create(model="japanese", prompt="The licence", max_tokens=3, stream=True))
+    fallback = c.completions.with_raw_response.create(model="auto", prompt=VAGUE, max_tokens=3)
+    assert fallback.headers["x-senmon-specialist"] == "generalist"
+    assert_openai_error(post(served, "/v1/completions", {"prompt": "x"}), 400, param="model")
+    assert_openai_error(post(served, "/v1/completions", {"model": "astrology", "prompt": "x"}), 404, param="model")
+    sent = time.monotonic()
+
+    # (name, labels, at least this much more than before the traffic)
+    grown = [("ray_senmon_requests_total", {"model": "law", "route": "auto", "status": "2xx"}, 1),
+             ("ray_senmon_requests_total", {"model": "law", "route": "named", "status": "2xx"}, 1),
+             ("ray_senmon_requests_total", {"model": "japanese", "route": "auto", "status": "2xx"}, 1),
+             ("ray_senmon_requests_total", {"model": "japanese", "route": "named", "status": "2xx"}, 1),
+             ("ray_senmon_requests_total", {"model": "generalist", "route": "fallback", "status": "2xx"}, 1),
+             ("ray_senmon_requests_total", {"model": "none", "route": "none", "status": "4xx"}, 2),
+             ("ray_senmon_errors_total", {"status": "400", "code": "invalid_value"}, 1),
+             ("ray_senmon_errors_total", {"status": "404", "code": "model_not_found"}, 1),
+             ("ray_senmon_routing_confidence_count", {"model": "law"}, 1),
+             ("ray_senmon_routing_confidence_count", {"model": "japanese"}, 1),
+             ("ray_senmon_routing_confidence_bucket", {"model": "law", "le": "+Inf"}, 1),
+             ("ray_senmon_routing_latency_ms_count", {"route": "auto"}, 2),
+             ("ray_senmon_routing_latency_ms_count", {"route": "fallback"}, 1),
+             ("ray_senmon_routing_latency_ms_bucket", {"route": "auto", "le": "+Inf"}, 2),
+             ("ray_senmon_fallbacks_total", {}, 1)]
+    for model in ("law", "japanese", "generalist"):  # vLLM's engine series, by the served model's name
+        grown += [("ray_vllm_generation_tokens_total", {"model_name": model}, 3),
+                  ("ray_vllm_prompt_tokens_total", {"model_name": model}, 1),
+                  ("ray_vllm_time_to_first_token_seconds_count", {"model_name": model}, 1),
+                  ("ray_vllm_time_to_first_token_seconds_bucket", {"model_name": model, "le": "+Inf"}, 1)]
+    present = [(name, {"model_name": model}) for model in ("law", "japanese", "generalist")
+               for name in ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting")]
+    # the registry's series from the fixture's registrations and promotions (gauges: present while it runs)
+    present += [(name, {"model": model}) for model in ("law", "japanese", "generalist")
+                for name in ("ray_senmon_serving_version", "ray_senmon_serving_val_ppl", "ray_senmon_freshness_seconds",
+                             "ray_senmon_promotions_total")]
+    dashboard = set().union(*(metric_names(expr) for _, expr in _expressions()))
+    assert set(NOT_SCRAPED) <= dashboard, sorted(set(NOT_SCRAPED) - dashboard)
+    wanted = dashboard - set(NOT_SCRAPED)
+
+    def has(samples, name: str, labels: dict) -> bool:
+        return any(n == name and all(have.get(k) == v for k, v in labels.items()) for n, have, _ in samples)
+
+    # each check counts from the first scrape that shows it: a gauge that is not set again (vLLM's, once its engine
+    # is idle) leaves the scrape two report intervals (20 s) after its last report, while a counter stays. Only the
+    # traffic above counts: more requests here would grow the counters this checks.
+    checks = {f"{n}{labels} +{least}": (lambda s, n=n, labels=labels, least=least:
+                                       total(s, n, **labels) - total(before, n, **labels) >= least)
+              for n, labels, least in grown}
+    checks.update({f"{n}{labels}": (lambda s, n=n, labels=labels: has(s, n, labels)) for n, labels in present})
+    checks.update({f"{n} (dashboard)": (lambda s, n=n: has(s, n, {})) for n in wanted})
+    first_seen, samples, scrapes, error = {}, [], 0, None
+    while len(first_seen) < len(checks) and time.monotonic() - sent < SCRAPE_WAIT_S:
+        time.sleep(1.0)
+        try:
+            samples = scrape_metrics()
+        except httpx.HTTPError as failure:
+            error = failure
+            continue
+        scrapes += 1
+        for key, check in checks.items():
+            if key not in first_seen and check(samples):
+                first_seen[key] = round(time.monotonic() - sent, 1)
+    left = sorted(set(checks) - set(first_seen))
+    from reliability import record_figure
+
+    record_figure("test_metrics_scrape", {
+        "checks": len(checks), "found": len(first_seen), "missing": left, "scrapes": scrapes,
+        "seconds_until_all_appeared": max(first_seen.values(), default=None) if not left else None,
+        "first_seen_s": first_seen, "dashboard_names": len(dashboard), "dashboard_names_checked": len(wanted),
+        "samples_in_last_scrape": len(samples), "not_checked": NOT_SCRAPED})
+    assert not left, f"not seen within {SCRAPE_WAIT_S} s ({scrapes} scrapes, last error {error}):\n" + "\n".join(left)
+    registry = served[1]
+    for model in ("law", "japanese", "generalist"):  # set at the fixture's promotions, minutes ago, and still scraped
+        assert total(samples, "ray_senmon_serving_version", model=model) == ray.get(registry.current.remote(model))["version"]
+        assert total(samples, "ray_senmon_serving_val_ppl", model=model) > 0
+        assert total(samples, "ray_senmon_freshness_seconds", model=model) > 0
