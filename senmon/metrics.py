@@ -174,7 +174,8 @@ def _tag(value: Any, allowed: tuple[str, ...] | None = None, default: str = "oth
     return text
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """`value` as a float, or None when it is not a finite number (also senmon/status.py's)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -252,8 +253,8 @@ def record_decision(decision: Any) -> None:
         if route == "named":
             return
         best = _tag(getattr(decision, "best", None))
-        confidence = _number(getattr(decision, "confidence", None))
-        routing_ms = _number(getattr(decision, "routing_ms", None))
+        confidence = finite_number(getattr(decision, "confidence", None))
+        routing_ms = finite_number(getattr(decision, "routing_ms", None))
         if confidence is not None and getattr(decision, "best", None) is not None:
             metrics().routing_confidence.observe(confidence, {"model": best})
         if routing_ms is not None:
@@ -271,7 +272,7 @@ def record_swap(model: Any, kind: Any, outcome: Any, seconds: Any) -> None:
     def do():
         tags = {"model": _tag(model), "kind": _tag(kind, SWAP_KINDS), "outcome": _tag(outcome, SWAP_OUTCOMES)}
         metrics().swaps.inc(1, tags)
-        duration = _number(seconds)
+        duration = finite_number(seconds)
         if duration is not None:
             metrics().swap_duration_seconds.observe(max(duration, 0.0), tags)
     _safely("swaps", do)
@@ -282,7 +283,7 @@ def record_training_run(model: Any, trigger: Any, outcome: Any, seconds: Any) ->
     def do():
         tags = {"model": _tag(model), "trigger": trigger_kind(trigger), "outcome": run_outcome(outcome)}
         metrics().training_runs.inc(1, tags)
-        duration = _number(seconds)
+        duration = finite_number(seconds)
         if duration is not None:
             metrics().training_duration_seconds.observe(max(duration, 0.0), tags)
     _safely("training runs", do)
@@ -342,11 +343,11 @@ def record_serving(records: Any) -> None:
             if serving is None:
                 continue
             tags = {"model": _tag(model)}
-            version = _number(serving.get("version"))
+            version = finite_number(serving.get("version"))
             if version is not None:
                 metrics().serving_version.set(version, tags)
                 _serving.setdefault(tags["model"], {})["serving_version"] = version
-            ppl = _number((serving.get("metrics") or {}).get("val_ppl"))
+            ppl = finite_number((serving.get("metrics") or {}).get("val_ppl"))
             if ppl is not None:
                 metrics().serving_val_ppl.set(ppl, tags)
                 _serving.setdefault(tags["model"], {})["serving_val_ppl"] = ppl
@@ -367,7 +368,7 @@ def record_serving(records: Any) -> None:
 def record_ingest_lag(topic: Any, partition: Any, lag: Any) -> None:
     """Messages of `topic`/`partition` not yet read; None (not known yet) records nothing."""
     def do():
-        value = _number(lag)
+        value = finite_number(lag)
         if value is not None:
             metrics().ingest_lag.set(max(value, 0.0), {"topic": _tag(topic), "partition": _tag(partition)})
     _safely("ingest lag", do)
@@ -376,7 +377,7 @@ def record_ingest_lag(topic: Any, partition: Any, lag: Any) -> None:
 def record_ingest_documents(domain: Any, count: Any) -> None:
     """`count` new documents of `domain` written to the dataset."""
     def do():
-        value = _number(count)
+        value = finite_number(count)
         if value is not None and value > 0:
             metrics().ingest_domain_documents.inc(value, {"domain": _tag(domain)})
     _safely("ingest documents", do)

@@ -32,6 +32,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from senmon.metrics import finite_number
+
 ROUTES = ("auto", "named", "fallback")
 WINDOW_S = 3600.0  # the routing mix covers the last hour
 BUCKET_S = 60.0
@@ -50,12 +52,6 @@ def parse_iso(text: Any) -> float | None:
         return None
 
 
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number == number and abs(number) != float("inf") else None
 
 
 # --------------------------------------------------------------------------- what a router replica keeps
@@ -126,7 +122,7 @@ class SwapLog:
                 "at": at, "model": swap.get("model") or (record or {}).get("specialist"),
                 "from_version": swap.get("from_version"),
                 "version": swap.get("version", (record or {}).get("version")), "kind": swap.get("kind"),
-                "seconds": _number(swap.get("total_s")), "outcome": outcome, "source": f"admin {action}",
+                "seconds": finite_number(swap.get("total_s")), "outcome": outcome, "source": f"admin {action}",
                 "error": error})
 
     def recent(self) -> list[dict]:
@@ -138,18 +134,18 @@ class SwapLog:
 
 def _version_row(record: dict) -> dict:
     metrics = record.get("metrics") or {}
-    return {"version": record.get("version"), "status": record.get("status"), "val_ppl": _number(metrics.get("val_ppl")),
+    return {"version": record.get("version"), "status": record.get("status"), "val_ppl": finite_number(metrics.get("val_ppl")),
             "created_at": record.get("created_at"), "reason": record.get("reason")}
 
 
 def _run_row(run: dict | None) -> dict | None:
     if not run:
         return None
-    started, ended = _number(run.get("started_ts")), _number(run.get("ended_ts"))
+    started, ended = finite_number(run.get("started_ts")), finite_number(run.get("ended_ts"))
     return {"outcome": run.get("outcome"), "trigger": run.get("trigger"), "started_at": run.get("started_at"),
             "ended_at": run.get("ended_at"), "version": run.get("version"), "reason": run.get("reason"),
             "duration_s": ended - started if started is not None and ended is not None else None,
-            "swap_s": _number(run.get("swap_s"))}
+            "swap_s": finite_number(run.get("swap_s"))}
 
 
 def swaps_from_runs(runs: list[dict]) -> list[dict]:
@@ -160,7 +156,7 @@ def swaps_from_runs(runs: list[dict]) -> list[dict]:
         if swap is not None and swap.get("changed") is not False:
             out.append({"at": run.get("ended_at"), "model": run.get("specialist"), "from_version": swap.get("from_version"),
                         "version": swap.get("version", run.get("version")), "kind": swap.get("kind"),
-                        "seconds": _number(swap.get("total_s", run.get("swap_s"))), "outcome": "done",
+                        "seconds": finite_number(swap.get("total_s", run.get("swap_s"))), "outcome": "done",
                         "source": f"retrain ({run.get('trigger')})", "error": None})
         elif run.get("outcome") == "swap_refused":
             out.append({"at": run.get("ended_at"), "model": run.get("specialist"), "from_version": None,
@@ -172,7 +168,7 @@ def swaps_from_runs(runs: list[dict]) -> list[dict]:
 def _finite(value: Any) -> Any:
     """`value` with NaN and infinities as None: JSON has neither (Starlette refuses to send them)."""
     if isinstance(value, float):
-        return _number(value)
+        return finite_number(value)
     if isinstance(value, dict):
         return {str(k): _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -185,7 +181,7 @@ def _ingest(raw: dict | None, public: bool) -> dict | None:
         return None
     raw = _finite(raw) if public else raw  # (the command line's formatter wants the numbers as they are)
     ingest = {k: v for k, v in raw.items() if k != "listener" and not (public and k in ("storage_root", "group_id"))}
-    lags = [_number((p or {}).get("lag")) for p in (raw.get("partitions") or {}).values()]
+    lags = [finite_number((p or {}).get("lag")) for p in (raw.get("partitions") or {}).values()]
     known = [lag for lag in lags if lag is not None]
     ingest["lag"] = int(sum(known)) if known else None
     return ingest
@@ -230,11 +226,11 @@ def _accuracy(meta: dict) -> dict:
         value = meta.get(field)
         if isinstance(value, dict):
             for model, accuracy in value.items():
-                by_model.setdefault(str(model), {"documents": None, "snippets_100": None})[key] = _number(accuracy)
-            known = [v for v in (_number(a) for a in value.values()) if v is not None]
+                by_model.setdefault(str(model), {"documents": None, "snippets_100": None})[key] = finite_number(accuracy)
+            known = [v for v in (finite_number(a) for a in value.values()) if v is not None]
             means[key] = sum(known) / len(known) if known else None
         else:
-            means[key] = _number(value)
+            means[key] = finite_number(value)
     return {**means, "by_model": by_model}
 
 
