@@ -118,6 +118,7 @@ class Scheduler:
         self.slots: asyncio.Semaphore | None = None
         self.due: dict[str, float | None] = {}
         self.loop: asyncio.Task | None = None
+        self.progress_board = None  # a driver's progress relay (senmon/progress.py): its jobs draw bars there
         self._save()
         await self.start()
         self.recovery: asyncio.Task | None = (
@@ -134,6 +135,12 @@ class Scheduler:
                 last = max((r["started_ts"] for r in self.runs if r["specialist"] == name), default=now)
                 self.due[name] = next_due(schedule, last)
             self.loop = asyncio.get_running_loop().create_task(self._check_schedules())
+        return True
+
+    async def show_progress(self, board) -> bool:
+        """Draw the training bars of the jobs started from now on on `board`, a driver's `Relay` board (None: no
+        bars). Not kept across a restart of this actor: a restarted scheduler's jobs run without bars."""
+        self.progress_board = board
         return True
 
     async def data_ready(self, specialist: str, info: dict) -> str:
@@ -214,7 +221,8 @@ class Scheduler:
                         await run_hook.remote(self.data_reset_hook, name)
                     init = await self._init_for(name)
                     record = await retrain_job.remote(self.config_data, name, self.registry_name, self.namespace,
-                                                      init, run["run_id"], info.get("shards"))
+                                                      init, run["run_id"], info.get("shards"),
+                                                      progress_board=self.progress_board)
                     await self._finish(run, record, info)
                     self._save()
                     record_training_run(name, reason, run["outcome"], time.time() - run["started_ts"])

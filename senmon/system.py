@@ -134,6 +134,7 @@ class System:
     scheduler: Any = None
     ingest: Any = None
     served: Any = None
+    relay: Any = None  # progress bars of the scheduler's retrains (senmon/progress.py), when in a terminal
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -152,6 +153,9 @@ class System:
         if self.scheduler is not None:
             ray.kill(self.scheduler, no_restart=True)
             self.scheduler = None
+        if self.relay is not None:
+            self.relay.__exit__(None, None, None)
+            self.relay = None
         if self.served is not None:
             from senmon.serve.app import shutdown
 
@@ -177,6 +181,7 @@ def start_system(config: SenmonConfig, *, train: bool = True, serve: bool = True
     from senmon.actors.registry import get_or_create_registry
     from senmon.actors.scheduler import get_or_create_scheduler
     from senmon.ingest.store import DatasetStore
+    from senmon.progress import Relay
     from senmon.stack import start_stack
 
     system = System(config)
@@ -208,6 +213,9 @@ def start_system(config: SenmonConfig, *, train: bool = True, serve: bool = True
             system.scheduler = get_or_create_scheduler(
                 config, REGISTRY, swap_hook=SWAP_HOOK if serve else None, data_reset_hook=RESET_HOOK if ingest else None,
                 router_hook=ROUTER_HOOK if serve else None, name=SCHEDULER)
+            system.relay = Relay().__enter__()  # the retrains' bars in this terminal, for as long as it runs
+            if system.relay.board is not None:
+                ray.get(system.scheduler.show_progress.remote(system.relay.board))
         if ingest:
             from senmon.ingest.supervisor import start_ingest
 

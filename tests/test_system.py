@@ -8,8 +8,11 @@ failed requests to the other specialists meanwhile. Small sizes so it fits in CI
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import ray
 
@@ -38,11 +41,62 @@ def e2e_config(make_config, embedded_config_data):
     )
 
 
-def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_config):
+class MetricsWatch(threading.Thread):
+    """Scrapes Ray's metrics endpoint every `every_s` while the demo runs: which senmon series it saw, and the largest
+    value of each. Once the demo's ingest is up it also produces one malformed message, for the dead-letter series."""
+
+    def __init__(self, config, every_s: float = 2.0):
+        super().__init__(name="metrics-watch", daemon=True)
+        self.config, self.every_s = config, every_s
+        self.largest: dict[str, float] = {}
+        self.scrapes, self.dead_letter_sent = 0, False
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from test_serve import scrape_metrics
+
+        while not self.done.wait(self.every_s):
+            if not self.dead_letter_sent and "senmon-ingest" in ray.util.list_named_actors():
+                self._send_malformed()
+            try:
+                samples = scrape_metrics()
+            except httpx.HTTPError:
+                continue
+            self.scrapes += 1
+            for name, _, value in samples:
+                if name.startswith("ray_senmon_"):
+                    self.largest[name] = max(value, self.largest.get(name, value))
+
+    def _send_malformed(self) -> None:
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(**self.config.kafka.client_kwargs())
+        try:
+            producer.send(self.config.kafka.topics.documents, b"{not json").get(timeout=30)
+            self.dead_letter_sent = True
+        finally:
+            producer.close()
+
+    def __enter__(self) -> "MetricsWatch":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join(60)
+
+
+def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_config, monkeypatch, capsys):
+    from test_serve import NOT_SCRAPED
+
     from senmon import demo
     from senmon.ingest.store import DatasetStore
 
-    report = demo.run(e2e_config, stream_domain="japanese", timeout_s=600)
+    monkeypatch.setenv("SENMON_PROGRESS", "1")  # the bars a terminal would show, drawn into captured stderr
+    with MetricsWatch(e2e_config) as watch:
+        report = demo.run(e2e_config, stream_domain="japanese", timeout_s=600)
+        time.sleep(12)  # a last report from the processes that are still there
+    stderr = capsys.readouterr().err
 
     streamed = demo.held_back(e2e_config.corpus_dir, "japanese")
     assert report["streamed"] == len(streamed) >= 60
@@ -70,6 +124,18 @@ def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_
     assert report["asked"]["japanese"]["specialist"] == "japanese" and report["asked"]["law"]["specialist"] == "law"
     saved = json.loads((Path(e2e_config.storage_root) / "demo" / "report.json").read_text(encoding="utf-8"))
     assert saved["version_after"] == report["version_after"] and saved["freshness"] == report["freshness"]
+    # issue 14: the retrain drew its training bar in this (forced) terminal, through the scheduler
+    assert "japanese (fast retrain)" in stderr and "tokens/s" in stderr, stderr[-2000:]
+    # every dashboard series the serving test cannot make (swaps, training runs, ingest) had a sample while the
+    # demo ran, and a non-zero one where the demo did that work; rollbacks are the serving test's
+    assert watch.dead_letter_sent and report["ingest"]["dead_letters"] == 1, report["ingest"]
+    wanted = set(NOT_SCRAPED) - {"ray_senmon_rollbacks_total"}
+    assert wanted <= set(watch.largest), (sorted(wanted - set(watch.largest)), watch.scrapes)
+    # gauges that are 0 at rest: lag once ingest caught up, new documents once the retrain reset the count (it
+    # was above 0 only for the seconds between the stream and the retrain, maybe between two reports)
+    at_rest = {"ray_senmon_ingest_lag", "ray_senmon_ingest_new_documents"}
+    zero = sorted(n for n in wanted - at_rest if watch.largest[n] <= 0)
+    assert not zero, (zero, watch.largest)
     # everything the demo started is gone again; the test's own Ray keeps running
     assert ray.is_initialized()
     assert not [a for a in ray.util.list_named_actors() if a.startswith("senmon-")]

@@ -70,10 +70,13 @@ def _texts(store: DatasetStore, paths: list[str]) -> list[str]:
     return [t for p in paths for t in pq.read_table(p, filesystem=store.fs, columns=["text"]).column("text").to_pylist()]
 
 
-def fast_retrain(config: SenmonConfig, name: str, start, new_shards: list[str], run_id: str):
-    """Continue `start` (a 'current' Start) on `new_shards` plus replay; returns a TrainResult."""
+def fast_retrain(config: SenmonConfig, name: str, start, new_shards: list[str], run_id: str, progress_board=None):
+    """Continue `start` (a 'current' Start) on `new_shards` plus replay; returns a TrainResult.
+    `progress_board`: a driver's `senmon.progress.Relay` board, where this retrain shows its bar."""
     import torch
     from transformers import LlamaForCausalLM
+
+    from senmon.progress import training_progress
 
     from .branch import branch_schedule
     from .evaluate import evaluate_directory
@@ -112,7 +115,7 @@ def fast_retrain(config: SenmonConfig, name: str, start, new_shards: list[str], 
     t0 = time.monotonic()
     torch.set_num_threads(max(1, int(training.cpus_per_worker)))
     final = train_steps(model, mixed_batches(new, old, training.batch_size, settings.replay_share, training.seed),
-                        schedule)
+                        schedule, progress=training_progress(progress_board, f"{name} (fast retrain)", schedule.steps))
     timings["train_s"] = time.monotonic() - t0
 
     t0 = time.monotonic()
@@ -164,8 +167,9 @@ def fast_retrain(config: SenmonConfig, name: str, start, new_shards: list[str], 
 
 
 @ray.remote(max_retries=0)
-def fast_retrain_task(config_data: dict, name: str, start, new_shards: list[str], run_id: str):
+def fast_retrain_task(config_data: dict, name: str, start, new_shards: list[str], run_id: str, progress_board=None):
     from senmon.config import parse_config
 
-    return fast_retrain(parse_config(config_data, source="fast retrain"), name, start, new_shards, run_id)
+    return fast_retrain(parse_config(config_data, source="fast retrain"), name, start, new_shards, run_id,
+                        progress_board)
 

@@ -343,7 +343,7 @@ def train_and_register(config: SenmonConfig, name: str, registry, init: str | No
 
         run_id = run_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         result = ray.get(fast_retrain_task.options(num_cpus=config.training.cpus_per_worker).remote(
-            config.model_dump(mode="json"), name, start, list(new_shards), run_id))
+            config.model_dump(mode="json"), name, start, list(new_shards), run_id, progress_board))
     else:
         result = train_model(config, name, start, run_id=run_id, progress_board=progress_board)
     record = ray.get(registry.register.remote(name, result.run_id, result.checkpoint_path, result.metrics,
