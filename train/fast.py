@@ -26,7 +26,6 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
