@@ -18,7 +18,9 @@ The router holds no engines. It forwards vLLM's own request objects to the servi
 `LLMServer` application through a Serve handle, picked from the serving table (serve/table.py),
 which it polls in the background. It counts its requests in flight per application and reports
 them, so a swap can drain the old version before removing it. A request that finds its
-application gone because a swap just removed it is retried once on the new one.
+application gone because a swap just removed it is retried once on the new one; one whose engine replica
+died before it answered is retried until Serve's replacement answers (within `serve.request_timeout_s`).
+A stream that has already sent tokens is never retried: it ends with a 503 error event.
 
 The same calls work in-process through the Serve handle, without HTTP, keys or rate limits:
     handle = serve.get_app_handle("senmon")
@@ -398,9 +400,17 @@ class Router:
         return request.model_copy(update={"model": decision.specialist}), decision
 
     async def _start(self, kind: str, request, decision: Decision):
-        """Send to the serving version; returns (first item, rest of the stream, release callback)."""
+        """Send to the serving version; returns (first item, rest of the stream, release callback).
+
+        Nothing has reached the client yet here (a stream's first item is awaited before the response starts),
+        so a request is retried where that cannot be told apart from never sending it: once on the new version when
+        a swap moved the pointer, and again and again (backing off, within `serve.request_timeout_s`) when the engine
+        replica that had it died. Serve restarts that replica and queues the retries until one is up."""
         model = decision.specialist
-        for attempt in (0, 1):
+        timeout_s = self.config.serve.request_timeout_s
+        deadline = time.monotonic() + timeout_s
+        moved, died = False, 0
+        while True:
             entry = self.entries.get(model)
             if entry is None:
                 raise unavailable(f"'{model}' has no serving version yet", self.config.serve.retry_after_s)
@@ -413,16 +423,23 @@ class Router:
             handle = self._handle(app_name, model)
             stream = getattr(handle, "chat" if kind == "chat" else "completions").remote(request)
             try:
-                first = await asyncio.wait_for(stream.__anext__(), self.config.serve.request_timeout_s)
+                first = await asyncio.wait_for(stream.__anext__(), max(deadline - time.monotonic(), 0.01))
             except asyncio.TimeoutError:
                 release()
                 stream.cancel()
-                raise unavailable(f"'{model}' did not answer within {self.config.serve.request_timeout_s:.0f} s",
+                raise unavailable(f"'{model}' did not answer within {timeout_s:.0f} s",
                                   self.config.serve.retry_after_s, code="timeout") from None
             except _unavailable_errors() as error:
                 release()
-                if attempt == 0 and self.entries.get(model, {}).get("app") != app_name:
+                if not moved and self.entries.get(model, {}).get("app") != app_name:
+                    moved = True
                     continue  # a swap moved the pointer while this request was on its way: retry on the new one
+                if isinstance(error, ray.exceptions.RayActorError) and time.monotonic() < deadline - 1:
+                    died += 1  # its replica died with it: Serve starts another, and queues this until it is up
+                    log.warning("%s: a replica died with a request (%s: %s); retry %d", app_name,
+                                type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "", died)
+                    await asyncio.sleep(min(0.05 * 2 ** died, 1.0))
+                    continue
                 log.warning("%s unavailable: %s", app_name, error)
                 raise unavailable(f"'{model}' has no healthy replica right now", self.config.serve.retry_after_s) \
                     from None
@@ -440,7 +457,6 @@ class Router:
             if produced_by is not None:  # the replica says which weights answered (in-place swaps, serve/engine.py)
                 decision.version = produced_by
             return first, stream, release
-        raise AssertionError("unreachable")
 
     async def _begin(self, kind: str, body: Any, stream: bool):
         """Validate, route and start one request (streamed or not), counted in the metrics either way;

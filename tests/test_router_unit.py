@@ -426,3 +426,63 @@ def test_v1_key_check_answers_429_with_retry_after(make_config):
     router.limiter = None  # off: never refused
     for _ in range(20):
         router._check_api(_Request())
+
+
+# ----------------------------------------------------------------- a replica dying under a request
+
+
+class _DyingEngine:
+    """A Serve handle whose replica dies under the first `deaths` requests (raises `error` before any output)."""
+
+    def __init__(self, deaths: int, error: Exception):
+        self.deaths, self.error, self.calls = deaths, error, 0
+        self.completions = self
+
+    def remote(self, request):
+        self.calls += 1
+        engine = self
+
+        class Stream:
+            async def __anext__(self):
+                if engine.calls <= engine.deaths:
+                    raise engine.error
+                return {"text": "answered"}
+
+        return Stream()
+
+
+def test_a_request_whose_replica_died_is_retried_until_the_replacement_answers(make_config):
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from senmon.serve.router import Decision, Router
+
+    def router(engine, timeout_s: float = 120.0):
+        config = make_config()
+        config = config.model_copy(update={"serve": config.serve.model_copy(update={"request_timeout_s": timeout_s})})
+        r = Router.__new__(Router)
+        r.config, r.inflight = config, {}
+        r.entries = {"law": {"app": "a-law", "version": 3}}
+        r.handles = {"a-law": engine}
+        return r
+
+    def start(r):
+        return asyncio.run(r._start("completions", object(), Decision("law", None, 1.0, 0.0, "named")))
+
+    engine = _DyingEngine(3, ActorDiedError())
+    r = router(engine)
+    first, _, release = start(r)
+    assert first == {"text": "answered"} and engine.calls == 4  # three deaths, then Serve's replacement answers
+    assert r.inflight == {"a-law": 1}  # counted once, for the attempt that answered
+    release()
+    assert r.inflight == {"a-law": 0}
+
+    for engine, timeout_s in ((_DyingEngine(1, BackPressureError(10, 10)), 120.0),  # not a death: not retried
+                              (_DyingEngine(10**6, ActorDiedError()), 1.5)):  # never back: until the timeout
+        r = router(engine, timeout_s)
+        started = time.monotonic()
+        with pytest.raises(ApiError) as caught:
+            start(r)
+        assert caught.value.status == 503 and "no healthy replica" in caught.value.message
+        assert time.monotonic() - started < timeout_s and r.inflight == {"a-law": 0}
+    assert engine.calls > 1

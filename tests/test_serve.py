@@ -763,3 +763,228 @@ def test_metrics_endpoint_shows_the_traffic_and_every_dashboard_metric_it_makes(
         assert ray.get(registry.current.remote(model))["version"] in versions, (model, versions)
         assert total(samples, "ray_senmon_serving_val_ppl", model=model) > 0
         assert total(samples, "ray_senmon_freshness_seconds", model=model) > 0
+
+
+# --------------------------------------------------------------------------- replicas killed under load
+# Last in the module: each kills a replica of the shared deployment (SIGKILL, as a crash or the OOM killer would)
+# and returns only once that replica's replacement answers again.
+
+KILL_RECOVERY_S = 300  # longest wait for the replacement (an engine replica's took 160-175 s here, under this load)
+ORPHAN_WAIT_S = 15
+
+
+class Traffic:
+    """Clients sending requests back to back, each its own (label, path, body); records for each request the
+    label, when it was sent and answered, and its status ("stream-error" for a 200 stream that ended in an error
+    event, an exception's name when no response came); `errors` holds each failure's label, status, Retry-After
+    and body."""
+
+    def __init__(self, served, clients: list[tuple[str, str, dict]]):
+        import threading
+
+        self.url, self.results, self.errors, self.stop = served[2].url, [], [], threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=spec, daemon=True) for spec in clients]
+
+    def run(self, label: str, path: str, body: dict) -> None:
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300) as http:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    if body.get("stream"):
+                        with http.stream("POST", path, json=body) as response:
+                            text = response.read().decode()
+                        status = response.status_code
+                        if status == 200 and ('data: {"error"' in text or "data: [DONE]" not in text):
+                            status = "stream-error"
+                    else:
+                        response = http.post(path, json=body)
+                        status = response.status_code
+                    if status != 200:
+                        self.errors.append((label, status, response.headers.get("retry-after"),
+                                            response.text[:300] if not body.get("stream") else text[-300:]))
+                except httpx.HTTPError as error:
+                    status = type(error).__name__
+                self.results.append((label, sent, time.monotonic(), status))
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(KILL_RECOVERY_S)
+
+    def wait_for(self, label: str | None, since: float, timeout_s: float) -> float | None:
+        """When the first request (to `label`; None: any) sent after `since` was answered with a 200 (None: not
+        within timeout_s)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = [d for lab, sent, d, status in list(self.results)
+                    if label in (None, lab) and sent >= since and status == 200]
+            if done:
+                return min(done)
+            time.sleep(0.1)
+        return None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))], 3) if ordered else None
+
+
+def _statuses(rows) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for _, _, _, status in rows:
+        counted[str(status)] = counted.get(str(status), 0) + 1
+    return counted
+
+
+def _replica(app: str, deployment: str):
+    """The one live replica actor of `app`'s `deployment`, and its process id."""
+    import os
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    assert len(named) == 1, named
+    actor = ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+    return named[0]["name"], ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+
+
+def _kill_under_load(served, app: str, deployment: str, killed_label: str | None, clients) -> dict:
+    """SIGKILL the replica of `app`'s `deployment` while `clients` send; returns what happened, once the
+    replica's replacement answers again (a `killed_label` request, or any when None: the router) and the clients
+    have gone on for 2 s more."""
+    import os
+    import signal
+
+    import psutil
+
+    name, pid = _replica(app, deployment)
+    process = psutil.Process(pid)
+    children = [(c.pid, c.create_time(), c.memory_info().rss) for c in process.children(recursive=True)]
+
+    def alive(pid_, created) -> bool:
+        try:
+            return psutil.Process(pid_).create_time() == created and psutil.Process(pid_).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    with Traffic(served, clients) as traffic:
+        time.sleep(3.0)
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while any(alive(p, c) for p, c, _ in children) and time.monotonic() < killed_at + ORPHAN_WAIT_S:
+            time.sleep(0.1)
+        children_gone_s = round(time.monotonic() - killed_at, 1)
+        answered_at = traffic.wait_for(killed_label, killed_at, KILL_RECOVERY_S)
+        time.sleep(2.0)
+    assert answered_at is not None, (f"{killed_label} did not answer within {KILL_RECOVERY_S} s of the kill",
+                                     _statuses(traffic.results), traffic.errors[:5])
+    new_name, new_pid = _replica(app, deployment)
+    assert new_pid != pid
+    orphans = []  # the killed replica's processes still there, long after it
+    for p, c, _ in children:
+        try:
+            if alive(p, c):
+                orphans.append({"pid": p, "rss_mb": round(psutil.Process(p).memory_info().rss / 2**20),
+                                "name": psutil.Process(p).name()})
+        except psutil.NoSuchProcess:
+            pass
+    results = traffic.results
+    killed = [r for r in results if r[0] == killed_label]
+    others = [r for r in results if r[0] != killed_label]  # the router: every request
+    during = [r for r in others if killed_at <= r[1] <= answered_at]
+    figure = {
+        "killed": name, "replacement": new_name, "requests": len(results), "failed": sum(r[3] != 200 for r in results),
+        "by_status": _statuses(results), "recovery_s": round(answered_at - killed_at, 2),
+        "sent_after_kill_failed": sum(r[3] != 200 for r in results if r[1] > killed_at + 0.5),
+        "slowest_request_s": round(max(r[2] - r[1] for r in results), 2),
+        "others": {"requests": len(others), "failed": sum(r[3] != 200 for r in others), "by_status": _statuses(others)},
+        "others_during_fault": {"requests": len(during), "p50_s": _percentile([r[2] - r[1] for r in during], 50),
+                                "p99_s": _percentile([r[2] - r[1] for r in during], 99)},
+        "others_before_fault": {"p50_s": _percentile([r[2] - r[1] for r in others if r[2] < killed_at], 50),
+                                "p99_s": _percentile([r[2] - r[1] for r in others if r[2] < killed_at], 99)},
+        "children_of_killed_replica": len(children),
+        "children_rss_mb": round(sum(rss for _, _, rss in children) / 2**20),
+        "children_gone_within_s": None if orphans else children_gone_s, "orphan_count": len(orphans), "orphans": orphans,
+        "errors": [{"label": label, "status": str(status), "retry_after": retry, "body": text}
+                   for label, status, retry, text in traffic.errors[:20]],
+    }
+    if killed_label is not None:
+        figure["killed_model"] = {"label": killed_label, "requests": len(killed), "failed": sum(r[3] != 200 for r in killed),
+                                  "by_status": _statuses(killed)}
+    return figure
+
+
+def _healthy_again(served, app: str) -> None:
+    """Every model answers at once again, and `app`'s replacement reports the serving version to the table."""
+    from ray import serve
+
+    from senmon.serve.swap import wait_engines
+
+    config = served[0]
+    table, entry = _law_entry(config)
+    if entry["app"] == app:
+        assert wait_engines(table, app, entry["version"], 60)["done"]
+    assert serve.status().applications[app].status == "RUNNING"
+    for model in ("law", "japanese", "generalist"):
+        answer = post(served, "/v1/completions", {"model": model, "prompt": LAW, "max_tokens": 2}, timeout=30)
+        assert answer.status_code == 200, (model, answer.text)
+
+
+def test_engine_replica_killed_under_load_requests_wait_for_the_replacement(served):
+    """SIGKILL of law's engine replica while clients send to law and to the other models (named and auto, chat and
+    completions, streamed and not). The promise: the other models' requests do not fail; a request law's dead
+    replica had (not yet answered) is retried by the router, and those sent meanwhile wait, until Serve's
+    replacement answers. None fails unless it waits longer than serve.request_timeout_s, which ends it as 503 with
+    Retry-After (code "timeout"; on 2 loaded cores the replacement took 160-175 s, so one or two did). The killed
+    replica's vLLM engine processes go with it (no orphan holding their memory)."""
+    config = served[0]
+    app = _law_entry(config)[1]["app"]
+    chat = "/v1/chat/completions"
+    clients = [("law", "/v1/completions", {"model": "law", "prompt": LAW, "max_tokens": 4}),
+               ("law", chat, {"model": "law", "messages": [{"role": "user", "content": LAW}], "max_tokens": 4}),
+               ("japanese auto stream", chat, {"model": "auto", "messages": [{"role": "user", "content": JAPANESE}],
+                                               "max_tokens": 4, "stream": True}),
+               ("generalist", "/v1/completions", {"model": "generalist", "prompt": VAGUE, "max_tokens": 4})]
+    started = time.monotonic()
+    figure = _kill_under_load(served, app, "engine:law", "law", clients)
+    _healthy_again(served, app)
+    figure["test_s"] = round(time.monotonic() - started, 1)
+    figure["request_timeout_s"] = config.serve.request_timeout_s
+    from reliability import record_figure
+
+    record_figure("test_engine_replica_kill", figure)
+    assert figure["others"]["failed"] == 0, figure
+    timed_out = [e for e in figure["errors"] if e["status"] == "503" and e["retry_after"] and '"timeout"' in e["body"]]
+    assert figure["killed_model"]["failed"] == len(timed_out), figure  # nothing but waits past the timeout
+    if figure["recovery_s"] < config.serve.request_timeout_s - 10:
+        assert figure["killed_model"]["failed"] == 0, figure
+    assert figure["killed_model"]["requests"] >= 4 and figure["others"]["requests"] >= 10, figure
+    assert not figure["orphans"], figure
+
+
+def test_router_replica_killed_under_load_recovers(served):
+    """SIGKILL of the (only) router replica while clients send to every model. The promise: the requests it held
+    fail (at most one per client, a 5xx or a dropped connection); every request sent after the kill is answered
+    by Serve's replacement once it is up (the proxy holds them meanwhile)."""
+    from senmon.serve.app import ROUTER_DEPLOYMENT
+
+    chat = "/v1/chat/completions"
+    clients = [("law", "/v1/completions", {"model": "law", "prompt": LAW, "max_tokens": 4}),
+               ("japanese auto stream", chat, {"model": "auto", "messages": [{"role": "user", "content": JAPANESE}],
+                                               "max_tokens": 4, "stream": True}),
+               ("generalist", "/v1/completions", {"model": "generalist", "prompt": VAGUE, "max_tokens": 4})]
+    started = time.monotonic()
+    figure = _kill_under_load(served, served[0].serve.app_name, ROUTER_DEPLOYMENT, None, clients)
+    _healthy_again(served, served[0].serve.app_name)
+    figure["test_s"] = round(time.monotonic() - started, 1)
+    from reliability import record_figure
+
+    record_figure("test_router_replica_kill", figure)
+    assert figure["failed"] <= len(clients), figure  # at most the requests the router held
+    assert all(status == "200" or status.startswith("5") or not status.isdigit() for status in figure["by_status"]), figure
+    assert figure["recovery_s"] < KILL_RECOVERY_S, figure
+    assert not figure["orphans"], figure
