@@ -1,21 +1,27 @@
-"""`python -m bench [NAME ...]`: run the named benchmarks (default: all) one after another."""
+"""`python -m bench [NAME ...]`: run the named benchmarks (default: all) one after another.
+
+Options after the names go to each of them: `python -m bench soak --minutes 3`.
+"""
 
 from __future__ import annotations
 
 import runpy
 import sys
 
-BENCHMARKS = ["specialists", "serving", "ingest", "freshness", "routing", "reliability"]
+BENCHMARKS = ["specialists", "serving", "ingest", "freshness", "retrain_paths", "routing", "fallback", "soak",
+              "reliability"]
 
 
 def main() -> None:
-    names = sys.argv[1:] or BENCHMARKS
+    args = sys.argv[1:]
+    first_option = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    names, options = args[:first_option] or BENCHMARKS, args[first_option:]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         sys.exit(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     for name in names:
         print(f"==> bench.{name}", flush=True)
-        sys.argv = [f"bench.{name}"]
+        sys.argv = [f"bench.{name}", *options]
         runpy.run_module(f"bench.{name}", run_name="__main__")
 
 
