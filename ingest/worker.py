@@ -138,7 +138,8 @@ class IngestWorker:
         self.consumer = KafkaConsumer(
             **kwargs, **backoff_ms, group_id=settings.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=settings.max_poll_records, **fetch_sizes(settings))
-        self.producer = KafkaProducer(**kwargs, **backoff_ms, acks="all", linger_ms=5, max_request_size=64 * 2**20)
+        self.producer = KafkaProducer(**kwargs, **backoff_ms, acks="all", linger_ms=5, max_request_size=64 * 2**20,
+                                      enable_idempotence=False)  # as ingest/producer.py: a retry is never taken for sent
         partitions = [TopicPartition(self.topic, p) for p in self.partitions]
         self.consumer.assign(partitions)
         self._reset_partition_state()

@@ -211,7 +211,19 @@ def cmd_up(args, config: SenmonConfig) -> int:
         raise CommandError("--cluster needs ray.address in the config (e.g. 'auto' on a cluster node)")
     if _running(config):
         raise CommandError(f"senmon is already up (see {_state_path(config)}); 'senmon down' stops it")
+    _stop_leftovers(config)
     return run_up(config)
+
+
+def _stop_leftovers(config: SenmonConfig) -> dict:
+    """Stop what a killed `senmon up` (or any killed senmon stack of this config) left running."""
+    from senmon.stack import stop_leftovers
+
+    left = stop_leftovers(config.name)
+    if left["processes"]:
+        print(f"stopped {len(left['processes'])} processes left by a senmon that was killed "
+              f"(broker, Ray, engines) in {left['seconds']:.1f} s")
+    return left
 
 
 def _write_state(config: SenmonConfig, url: str | None) -> list:
@@ -276,14 +288,25 @@ def cmd_down(args, config: SenmonConfig) -> int:
 
     state = _running(config)
     if state is None:
-        print("senmon is not up")
+        if not _stop_leftovers(config)["processes"]:
+            print("senmon is not up")
+        _state_path(config).unlink(missing_ok=True)  # the record of a `senmon up` that was killed
         return 0
     os.kill(state["pid"], signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline and _running(config):
         time.sleep(0.5)
-    if _running(config):
-        raise CommandError(f"senmon (pid {state['pid']}) did not stop within {args.timeout:.0f} s")
+    if _running(config):  # stuck: kill it, then stop what it started as for a `senmon up` that was killed
+        print(f"senmon (pid {state['pid']}) did not stop within {args.timeout:.0f} s; killing it", file=sys.stderr)
+        os.kill(state["pid"], signal.SIGKILL)
+        from senmon.stack import wait_gone
+
+        wait_gone(state["pid"], 30)
+        _stop_leftovers(config)
+        _state_path(config).unlink(missing_ok=True)
+        return 1
+    _stop_leftovers(config)  # its stop sweeps its processes; this catches it being killed while it stopped
+    _state_path(config).unlink(missing_ok=True)
     print(f"senmon (pid {state['pid']}) stopped")
     return 0
 

@@ -73,6 +73,10 @@ class KafkaConfig(_Strict):
     embedded: bool = Field(
         True, description="Start the embedded Kafka-protocol broker (Tansu) on loopback for local runs."
     )
+    embedded_storage: Literal["durable", "memory"] = Field(
+        "durable", description="The embedded broker's storage. durable: topics, messages and committed offsets "
+                               "are files under {storage_root}/broker and survive a restart of the broker; "
+                               "memory: gone when it stops (faster; for throwaway runs).")
     topics: TopicsConfig = TopicsConfig()
     client_id: str = "senmon"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -422,6 +426,22 @@ class SenmonConfig(_Strict):
         if self.generalist.name in names:
             raise ValueError(f"the generalist's name {self.generalist.name!r} is also a specialist's")
         return self
+
+    @model_validator(mode="after")
+    def _durable_broker_is_local(self) -> "SenmonConfig":
+        if self.kafka.embedded and self.kafka.embedded_storage == "durable" and is_uri(self.storage_root) \
+                and not self.storage_root.startswith("file://"):
+            raise ValueError("kafka.embedded_storage: durable keeps the embedded broker's files under a local "
+                             f"storage_root; {self.storage_root} is not one (set embedded_storage: memory, or "
+                             "embedded: false with a Kafka cluster)")
+        return self
+
+    @property
+    def broker_dir(self) -> Path | None:
+        """Where the embedded broker keeps its data (durable storage), else None."""
+        if not self.kafka.embedded or self.kafka.embedded_storage != "durable":
+            return None
+        return Path(self.storage_root.removeprefix("file://")) / "broker"
 
     @model_validator(mode="after")
     def _local_ray_has_the_cpus(self) -> "SenmonConfig":

@@ -4,13 +4,27 @@ With the embedded default this starts a local Ray instance and the embedded Kafk
 broker on loopback, waits until both answer, creates the topics, and on exit stops both. With
 a production config (`ray.address` set, `kafka.embedded: false`) it joins the existing Ray
 cluster and checks that the configured Kafka answers; it starts and stops nothing of theirs.
+
+A stack that starts processes on this machine tags them: before it starts anything it puts
+`SENMON_STACK=<id>` in its environment, which every process it starts inherits (the broker, Ray's
+GCS and raylet, every Ray worker, each vLLM engine process those workers start), and it writes a
+record, `~/.senmon/stacks/<pid>.json`, naming the id, its own process and the session directory
+of the Ray it started. Ray's agents get a cleaned environment and a process title that can
+overwrite the one /proc shows, but every Ray process keeps log files open in that session
+directory. When the stack's process is killed (SIGKILL leaves no time to stop anything; Ray's GCS,
+raylet and workers die with it, its agents and the broker do not), `stop_leftovers` finds every
+process with the tag, with a file open in the session directory, or below one of those, and stops
+it: `senmon down` and `senmon up` call it. A stack's own `stop()` ends with the same sweep.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,16 +44,34 @@ class Stack:
     broker: EmbeddedBroker | None = None
     started_ray: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    tag: str | None = None  # the SENMON_STACK value of the processes this stack started
+    record: Path | None = None
+    ray_session_dir: str | None = None  # of the Ray instance this stack started
 
     @property
     def kafka_kwargs(self) -> dict:
         return self.config.kafka.client_kwargs()
 
     def stop(self) -> None:
-        if self.started_ray and ray.is_initialized():
-            ray.shutdown()
-        if self.broker is not None:
-            self.broker.stop()
+        """Stop the broker and Ray (each even when the other fails), then any process left with the tag."""
+        try:
+            if self.broker is not None:
+                self.broker.stop()
+        finally:
+            try:
+                if self.started_ray and ray.is_initialized():
+                    ray.shutdown()
+            finally:
+                if self.tag is not None:
+                    if os.environ.get(STACK_ENV) == self.tag:
+                        del os.environ[STACK_ENV]
+                    if outlived := stop_tagged(self.tag, self.ray_session_dir):
+                        log.warning("stopped %d processes that outlived the stack's stop: %s", len(outlived),
+                                    "; ".join(command[:80] for command in outlived.values()))
+                    self.tag = None
+                if self.record is not None:
+                    self.record.unlink(missing_ok=True)
+                    self.record = None
 
     def __enter__(self) -> "Stack":
         return self
@@ -142,6 +174,149 @@ def use_ray_auth(auth: dict | None) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+# --------------------------------------------------------------------------- what a killed stack leaves
+
+STACK_ENV = "SENMON_STACK"
+
+
+def stacks_dir() -> Path:
+    return Path.home() / ".senmon" / "stacks"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks after boot; tells a reused pid apart), None when it is gone."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def wait_gone(pid: int, timeout_s: float) -> bool:
+    """Wait until the process has exited (a zombie counts as gone); True if it did in time."""
+    deadline = time.monotonic() + timeout_s
+    while _start_time(pid) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _opens_under(pid: int, directory: str) -> bool:
+    """True when one of the process's open files is under `directory`."""
+    try:
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(fd.path).startswith(directory):
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return False
+
+
+def tagged_processes(tag: str, ray_session_dir: str | None = None) -> dict[int, str]:
+    """{pid: command line} of every live process (not this one) of the stack tagged `tag`.
+
+    That is: each process whose environment carries SENMON_STACK=`tag`; with `ray_session_dir`,
+    each process with a file open in that Ray session's directory (Ray's agents and workers log
+    there; a long process title can overwrite the environment that /proc shows); and every
+    descendant of those.
+    """
+    marker, found, children = f"{STACK_ENV}={tag}".encode(), {}, {}
+    session = ray_session_dir.rstrip("/") + "/" if ray_session_dir else None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] in ("Z", "X"):
+                continue
+            children.setdefault(int(fields[1]), []).append(pid)
+            if marker in (entry / "environ").read_bytes().split(b"\0") or (session and _opens_under(pid, session)):
+                found[pid] = None
+        except (OSError, IndexError):  # gone, or another user's
+            continue
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = None
+                todo.append(child)
+    for pid in list(found):
+        try:
+            found[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace").strip()
+        except OSError:
+            del found[pid]
+    return found
+
+
+def stop_tagged(tag: str, ray_session_dir: str | None = None, grace_s: float = 10.0) -> dict[int, str]:
+    """SIGTERM every process of the stack (`tagged_processes`), SIGKILL what is left after `grace_s`;
+    returns what was found."""
+    found = tagged_processes(tag, ray_session_dir)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while (alive := tagged_processes(tag, ray_session_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        log.warning("stopping pid %s of a senmon stack with SIGKILL: %s", pid, alive[pid][:120])
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 10
+    while tagged_processes(tag, ray_session_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
+def stop_leftovers(config_name: str | None = None) -> dict:
+    """Stop the processes of every recorded stack (of `config_name`, or all) whose own process is gone.
+
+    Returns {"stacks": [ids], "processes": {pid: command line}, "seconds": s}.
+    """
+    t0, stacks, processes = time.monotonic(), [], {}
+    directory = stacks_dir()
+    for path in sorted(directory.glob("*.json")) if directory.exists() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if config_name is not None and record.get("config") != config_name:
+            continue
+        if _start_time(record["pid"]) == record.get("pid_start"):
+            continue  # its owner is alive: its own stop() will do
+        # its Ray died with it (the GCS and raylet share its fate); what is left is orphaned: a short grace
+        processes.update(stop_tagged(record["tag"], record.get("ray_session_dir"), grace_s=3.0))
+        stacks.append(record["tag"])
+        path.unlink(missing_ok=True)
+    return {"stacks": stacks, "processes": processes, "seconds": time.monotonic() - t0}
+
+
+def _tag_this_stack(stack: Stack) -> None:
+    """Tag what this process starts from now on, and record the tag (see the module docstring)."""
+    stack.tag = f"{stack.config.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.environ[STACK_ENV] = stack.tag
+    directory = stacks_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stack.record = directory / f"{os.getpid()}.json"
+    _write_record(stack)
+
+
+def _write_record(stack: Stack) -> None:
+    write_private(stack.record, json.dumps({
+        "tag": stack.tag, "config": stack.config.name, "pid": os.getpid(), "pid_start": _start_time(os.getpid()),
+        "ray_session_dir": stack.ray_session_dir, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+
+
 def start_stack(config: SenmonConfig, kafka: bool = True) -> Stack:
     """Start the broker (embedded only) and Ray, wait until both answer, create the topics.
 
@@ -149,9 +324,11 @@ def start_stack(config: SenmonConfig, kafka: bool = True) -> Stack:
     """
     stack = Stack(config)
     try:
+        if (kafka and config.kafka.embedded) or (not config.ray.address and not ray.is_initialized()):
+            _tag_this_stack(stack)
         t0 = time.monotonic()
         if kafka and config.kafka.embedded:
-            stack.broker = EmbeddedBroker(port=config.kafka.port).start()
+            stack.broker = EmbeddedBroker(port=config.kafka.port, data_dir=config.broker_dir).start()
         if kafka:
             topics = config.kafka.topics
             try:
@@ -163,6 +340,9 @@ def start_stack(config: SenmonConfig, kafka: bool = True) -> Stack:
 
         t0 = time.monotonic()
         stack.started_ray = start_ray(config)
+        if stack.started_ray and stack.record is not None:  # Ray's own processes log in its session directory
+            stack.ray_session_dir = ray._private.worker._global_node.get_session_dir_path()
+            _write_record(stack)
         ray.get(ray.remote(lambda: True).remote(), timeout=60)  # a task round-trip: Ray schedules work
         stack.timings["ray_s"] = time.monotonic() - t0
         return stack

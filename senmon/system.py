@@ -142,31 +142,33 @@ class System:
         return self.served.url if self.served is not None else None
 
     def stop(self) -> None:
-        if self.ingest is not None:
-            from senmon.ingest.supervisor import stop_ingest
+        try:
+            if self.ingest is not None:
+                from senmon.ingest.supervisor import stop_ingest
 
-            try:
-                stop_ingest(INGEST)
-            except Exception:  # stopping must go on; the actors are killed below with Ray anyway
-                pass
-            self.ingest = None
-        if self.scheduler is not None:
-            ray.kill(self.scheduler, no_restart=True)
-            self.scheduler = None
-        if self.relay is not None:
-            self.relay.__exit__(None, None, None)
-            self.relay = None
-        if self.served is not None:
-            from senmon.serve.app import shutdown
+                try:
+                    stop_ingest(INGEST)
+                except Exception:  # stopping must go on; the actors are killed below with Ray anyway
+                    pass
+                self.ingest = None
+            if self.scheduler is not None:
+                ray.kill(self.scheduler, no_restart=True)
+                self.scheduler = None
+            if self.relay is not None:
+                self.relay.__exit__(None, None, None)
+                self.relay = None
+            if self.served is not None:
+                from senmon.serve.app import shutdown
 
-            shutdown(self.config)
-            self.served = None
-        if self.registry is not None:
-            ray.kill(self.registry, no_restart=True)  # its file stays; the next start reads it back
-            self.registry = None
-        if self.stack is not None:
-            self.stack.stop()
-            self.stack = None
+                shutdown(self.config)
+                self.served = None
+            if self.registry is not None:
+                ray.kill(self.registry, no_restart=True)  # its file stays; the next start reads it back
+                self.registry = None
+        finally:  # the broker and Ray stop (and the stack's processes with them) even when a step above failed
+            if self.stack is not None:
+                self.stack.stop()
+                self.stack = None
 
     def __enter__(self) -> "System":
         return self

@@ -294,6 +294,9 @@ def test_bad_messages_go_to_the_dead_letter_topic(broker, ray_local, make_config
     assert sorted((l["original"], l["reason"]) for l in letters) == sorted(bad.items())
     assert all(l["topic"] == config.kafka.topics.documents and isinstance(l["offset"], int) for l in letters)
     assert_exactly_once(config, good)
+    # the supervisor's totals are its actors' statuses as of its last check, which may be a round behind the ledger
+    wait_until(lambda: ray_local.get(handle.status.remote())["totals"]["messages"] == total, 30,
+               "the supervisor's totals to catch up with the ledger")
     status = ray_local.get(handle.status.remote())
     assert status["totals"]["dead_letters"] == len(bad) and status["totals"]["duplicates"] == 1
     assert status["totals"]["documents"] == len(good) and status["totals"]["messages"] == total
