@@ -640,7 +640,6 @@ NOT_SCRAPED = {
     **{name: "a swap (tests/test_system.py; here only test_in_place_promotion_and_rollback_under_load swaps)"
        for name in ("ray_senmon_swaps_total", "ray_senmon_swap_duration_seconds_bucket",
                     "ray_senmon_swap_duration_seconds_sum", "ray_senmon_swap_duration_seconds_count")},
-    "ray_senmon_rollbacks_total": "a rollback (only test_in_place_promotion_and_rollback_under_load rolls back)",
     **{name: "a retraining run of the scheduler (tests/test_scheduler.py, tests/test_system.py)"
        for name in ("ray_senmon_training_runs_total", "ray_senmon_training_duration_seconds_bucket",
                     "ray_senmon_training_duration_seconds_sum", "ray_senmon_training_duration_seconds_count")},
