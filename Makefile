@@ -9,6 +9,7 @@ demo: setup
 
 test: setup
 	bash scripts/chromium.sh
+	bash scripts/ssh_host.sh
 	.venv/bin/python -m pytest
 
 bench: setup

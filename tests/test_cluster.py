@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 import subprocess
 import sys
@@ -26,7 +27,35 @@ def test_cluster_yaml_passes_the_cluster_launcher_validation():
     assert prepared["provider"]["type"] == "aws"
     workers = prepared["available_node_types"]["gpu_worker"]
     assert workers["resources"]["GPU"] >= 1 and workers["max_workers"] >= workers["min_workers"] >= 1
-    assert "senmon[gpu]" in " ".join(prepared["setup_commands"])  # the GPU extra on every node
+    assert "SENMON_EXTRA=gpu bash scripts/setup.sh" in " ".join(prepared["setup_commands"])  # the GPU extra on every node
+
+
+def test_cluster_yaml_runs_the_same_commands_as_the_local_cluster_that_ray_up_is_tested_with():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from senmon.cluster import RSYNC_EXCLUDE, RayPorts, commands, local_cluster, repository_mounts
+
+    cloud = cluster()
+    assert {key: cloud[key] for key in commands("gpu", "x")} == commands("gpu", "configs/production.example.yaml")
+    assert cloud["rsync_exclude"] == RSYNC_EXCLUDE and cloud["file_mounts"] == repository_mounts(".", "/home/ray")
+    # the local-provider file of tests/test_ray_up.py: line for line the same, but for the extra, the
+    # config file and the ports
+    ports = RayPorts(gcs=16379, object_manager=18076, dashboard=18265, client_server=20001, dashboard_agent=22365)
+    local = local_cluster("senmon-local", "someone", "/tmp/key", str(REPO), "/home/someone/ci.yaml", ports=ports)
+    prepared = prepare_config(copy.deepcopy(local))
+    validate_config(prepared)
+    assert prepared["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+    assert prepared["head_setup_commands"] == local["setup_commands"]  # what the launcher runs on the head
+    assert prepared["file_mounts"] == repository_mounts(str(REPO), "/home/someone")
+
+    def as_local(cloud_line: str) -> str:  # cluster.yaml's line with the local file's parameters
+        for default, port in zip(RayPorts().__dict__.values(), ports.__dict__.values()):
+            cloud_line = re.sub(rf"(?<=[=:]){default}\b", str(port), cloud_line)
+        return cloud_line.replace("configs/production.example.yaml", "/home/someone/ci.yaml").replace(
+            "SENMON_EXTRA=gpu", "SENMON_EXTRA=cpu")
+
+    for key in commands("gpu", "x"):
+        assert [as_local(line) for line in cloud[key]] == local[key], key
 
 
 def test_a_broken_cluster_yaml_is_refused():
@@ -73,3 +102,12 @@ def test_the_head_deploys_the_serve_config_that_the_code_builds(tmp_path):
     from senmon.serve.app import build_router
 
     assert build_router(router["args"]) is not None
+
+
+def test_every_part_of_the_repository_is_synced_to_the_nodes_or_deliberately_not():
+    from senmon.cluster import NOT_ON_NODES, ON_NODES
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    top_level = {path.split("/")[0] for path in tracked}
+    assert top_level == set(ON_NODES) | set(NOT_ON_NODES), "add the new path to ON_NODES or NOT_ON_NODES"
+    assert not set(ON_NODES) & set(NOT_ON_NODES)

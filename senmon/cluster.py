@@ -1,0 +1,120 @@
+"""The commands `ray up` runs on senmon's cluster nodes, written once.
+
+`setup_commands` install senmon on a node with scripts/setup.sh (the script `make demo` and
+`make test` run) and put its virtual environment on the node's PATH, so that later commands,
+`ray exec` and `ray down` (which runs `ray stop` on the head) find `ray`, `serve` and `senmon`.
+`head_start_ray_commands` start Ray on the head, deploy the Serve config the code builds and
+start senmon's control plane (`senmon up --cluster`); `worker_start_ray_commands` join a worker.
+
+cluster.yaml (the AWS cluster: the `gpu` extra, configs/production.example.yaml) carries exactly
+these lines, which tests/test_cluster.py checks. `local_cluster` puts the same lines into a
+cluster file for Ray's local provider (the head on 127.0.0.1, no workers): tests/test_ray_up.py
+hands that file to a real `ray up`. The two differ only in the parameters below: the extra, the
+senmon config file, and Ray's ports (a shared test machine cannot count on Ray's defaults).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REPO_ON_NODE = "~/senmon"                  # file_mounts puts the repository here on every node
+SERVE_CONFIG = "~/senmon-serve.yaml"      # what `senmon serve-config` writes and `serve deploy` reads
+UP_LOG = "~/senmon-up.log"                # the output of `senmon up --cluster`
+VENV_ON_PATH = 'export PATH="$HOME/senmon/.venv/bin:$PATH"'
+RSYNC_EXCLUDE = ["**/__pycache__", "*.egg-info"]
+# What a node needs of the repository, each synced on its own. Not the whole checkout: before it
+# syncs anything, `ray up` hashes every file under each mounted local path, excludes or not, so
+# mounting "." reads all of .venv (4 GB) and var/ each time, and a broken link there stops it.
+ON_NODES = ["pyproject.toml", "README.md", "Makefile", "scripts", "configs", "data",
+            "senmon", "actors", "serve", "train", "ingest"]
+NOT_ON_NODES = [".ci", ".gitignore", "bench", "cluster.yaml", "docs", "tests"]  # tests/test_cluster.py: nothing else
+
+
+def repository_mounts(repository: str, home: str) -> dict[str, str]:
+    """file_mounts for the repository at `repository` (local) into `home`/senmon (on the node)."""
+    return {f"{home}/senmon/{path}": f"{repository.rstrip('/')}/{path}" for path in ON_NODES}
+
+
+@dataclass(frozen=True)
+class RayPorts:
+    """The head's fixed ports (Ray's defaults); every other Ray port is picked free by Ray."""
+
+    gcs: int = 6379
+    object_manager: int = 8076
+    dashboard: int = 8265
+    client_server: int = 10001
+    dashboard_agent: int = 52365
+
+
+def setup_commands(extra: str) -> list[str]:
+    """Install senmon[extra] into ~/senmon/.venv (idempotent) and put that venv first on PATH."""
+    return [
+        f"cd {REPO_ON_NODE} && SENMON_EXTRA={extra} bash scripts/setup.sh",
+        f"grep -qsF '{VENV_ON_PATH}' ~/.bashrc || echo '{VENV_ON_PATH}' >> ~/.bashrc",
+    ]
+
+
+def _ulimit() -> str:
+    return "ulimit -n 65536 2>/dev/null || ulimit -n hard"  # 65536 open files, or as many as the user may
+
+
+def head_start_ray_commands(config: str, ports: RayPorts = RayPorts()) -> list[str]:
+    """Start Ray on the head, deploy the Serve config built from `config` (a path on the node,
+    relative to the repository or absolute), then start `senmon up --cluster` in the background."""
+    p = ports
+    return [
+        "ray stop",
+        f"{_ulimit()}; ray start --head --port={p.gcs} --object-manager-port={p.object_manager} "
+        f"--ray-client-server-port={p.client_server} --dashboard-host=0.0.0.0 --dashboard-port={p.dashboard} "
+        f"--dashboard-agent-listen-port={p.dashboard_agent} --autoscaling-config=~/ray_bootstrap_config.yaml",
+        f"cd {REPO_ON_NODE} && senmon --config {config} serve-config > {SERVE_CONFIG}",
+        f"serve deploy --address http://127.0.0.1:{p.dashboard} {SERVE_CONFIG}",
+        f"cd {REPO_ON_NODE} && nohup senmon --config {config} up --cluster > {UP_LOG} 2>&1 < /dev/null &",
+    ]
+
+
+def worker_start_ray_commands(ports: RayPorts = RayPorts()) -> list[str]:
+    return [
+        "ray stop",
+        f"{_ulimit()}; ray start --address=$RAY_HEAD_IP:{ports.gcs} --object-manager-port={ports.object_manager}",
+    ]
+
+
+def commands(extra: str, config: str, ports: RayPorts = RayPorts()) -> dict[str, list[str]]:
+    """Every command list of a cluster file, keyed as the cluster launcher names them."""
+    return {
+        "initialization_commands": [],
+        "setup_commands": setup_commands(extra),
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": head_start_ray_commands(config, ports),
+        "worker_start_ray_commands": worker_start_ray_commands(ports),
+    }
+
+
+def local_cluster(name: str, ssh_user: str, ssh_private_key: str, repository: str, config: str,
+                  extra: str = "cpu", ports: RayPorts = RayPorts(),
+                  ssh_proxy_command: str | None = None, file_mounts: dict[str, str] | None = None) -> dict:
+    """A cluster file for Ray's local provider: the head is this machine (127.0.0.1) reached over SSH
+    as `ssh_user`, `repository` is synced to ~/senmon there (`ON_NODES`), and the nodes run `commands(extra, config)`.
+
+    `ssh_proxy_command` reaches an sshd on another port than 22; `file_mounts` adds files. The local
+    provider takes no node types: the head announces what `ray start` finds, unless the node's
+    environment sets RAY_OVERRIDE_RESOURCES (what the launcher sets for cluster.yaml's node types).
+    """
+    home = f"/home/{ssh_user}"
+    auth = {"ssh_user": ssh_user, "ssh_private_key": ssh_private_key}
+    if ssh_proxy_command:
+        auth["ssh_proxy_command"] = ssh_proxy_command
+    return {
+        "cluster_name": name,
+        "max_workers": 0,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "provider": {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []},
+        "auth": auth,
+        "file_mounts": {**repository_mounts(repository, home), **(file_mounts or {})},
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": list(RSYNC_EXCLUDE),
+        **commands(extra, config, ports),
+    }
