@@ -30,12 +30,18 @@ DOCUMENTS, PACE_S = 2400, 0.006  # about 160 documents a second: the stream runs
 
 
 class PacedProducer(threading.Thread):
-    """Sends the documents one by one at `PACE_S` apart; keeps every send's future."""
+    """Sends the documents one by one at `PACE_S` apart; keeps every send's future. Before the document at each
+    index of `holds` it waits until the test releases it (`go_on`): the test stops the broker there and lets the
+    stream go on at once, so every restart finds the producer sending, however slow the machine."""
 
-    def __init__(self, config, values, keys):
+    def __init__(self, config, values, keys, holds: tuple[int, ...] = ()):
         super().__init__(daemon=True)
         self.config, self.values, self.keys = config, values, keys
         self.futures, self.sent = [], 0
+        self.holds = {index: threading.Event() for index in holds}
+
+    def go_on(self, index: int) -> None:
+        self.holds[index].set()
 
     def run(self) -> None:
         # as senmon's own producer (ingest/producer.py): at least once, no idempotence (see the README)
@@ -43,7 +49,9 @@ class PacedProducer(threading.Thread):
                                  request_timeout_ms=10_000, delivery_timeout_ms=120_000,
                                  reconnect_backoff_max_ms=1000, max_request_size=8 * 2**20)
         try:
-            for value, key in zip(self.values, self.keys):
+            for index, (value, key) in enumerate(zip(self.values, self.keys)):
+                if index in self.holds:
+                    self.holds[index].wait(300)
                 self.futures.append(producer.send(self.config.kafka.topics.documents, value=value, key=key))
                 self.sent += 1
                 time.sleep(PACE_S)
@@ -70,17 +78,19 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(ray_local, make_
         values, keys = encode(docs)
         handle = supervisor(config)
         explain = lambda: format_ingest_status(ray_local.get(handle.status.remote()))  # noqa: E731
-        stream = PacedProducer(config, values, keys)
+        points = ((signal.SIGTERM, DOCUMENTS // 3), (signal.SIGKILL, 2 * DOCUMENTS // 3))
+        stream = PacedProducer(config, values, keys, holds=tuple(at for _, at in points))
         stream.start()
         wait_until(lambda: len(stored_rows(config)) >= 200, 120, "the first documents stored", explain=explain)
 
         restarts = {}  # by signal: what bench/reliability.py shows of a figure
-        for how, at in ((signal.SIGTERM, DOCUMENTS // 3), (signal.SIGKILL, 2 * DOCUMENTS // 3)):
+        for how, at in points:
             wait_until(lambda: stream.sent >= at, 60, f"{at} documents sent")
             acked_ids = stream.acknowledged_ids(docs)
             stored_before, sent_before = len(_stored_ids(config)), stream.sent
             t0 = time.monotonic()
             os.kill(broker.pid, how)  # SIGTERM: Tansu shuts down; SIGKILL: it crashes, in the middle of a write or not
+            stream.go_on(at)  # the producer sends on while the broker is down and starting again
             broker.stop()  # waits for the process (and stops its object server); the files stay
             stopped_s = time.monotonic() - t0
             broker.start()  # same port, same data directory, a new object server reading the files back
