@@ -203,4 +203,15 @@ def training_progress(board, desc: str, total: int, workers: int = 1) -> Trainin
     """In a Ray worker: the training bar posting to the driver's relay `board`; None (no bar) without one."""
     if board is None:
         return None
-    return TrainingProgress(lambda key, state: board.post.remote(key, state), desc, total, workers)
+
+    def emit(key: str, state: State) -> None:
+        posted = board.post.remote(key, state)
+        if state["closed"]:  # the last state is on the board before the job returns and the driver takes it
+            import ray
+
+            try:
+                ray.get(posted, timeout=5)
+            except Exception:  # the driver and its board are gone: no bar to finish
+                pass
+
+    return TrainingProgress(emit, desc, total, workers)
