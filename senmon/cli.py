@@ -316,11 +316,16 @@ def _connect(state: dict) -> None:
 
     import ray
 
-    from senmon.stack import use_ray_auth
+    from contextlib import nullcontext
+
+    from senmon.stack import loopback_node, use_ray_auth
 
     use_ray_auth(state.get("ray_auth"))  # the recorded address alone gets no token from Ray
-    ray.init(address=state["ray_address"], namespace=state["namespace"], logging_level=logging.WARNING,
-             log_to_driver=False)
+    # an embedded stack's Ray listens on loopback only; Ray would take 127.0.0.1 for this machine's address
+    loopback = state["ray_address"].startswith(("127.", "localhost", "[::1]"))
+    with loopback_node() if loopback else nullcontext():
+        ray.init(address=state["ray_address"], namespace=state["namespace"], logging_level=logging.WARNING,
+                 log_to_driver=False)
 
 
 def cmd_status(args, config: SenmonConfig) -> int:
@@ -467,10 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from senmon.ingest.broker import BrokerError
+    from senmon.system import StartError
 
     from ray.exceptions import RayTaskError
 
-    user_errors = (ConfigError, CommandError, BrokerError, OSError, ValueError, KeyError)
+    user_errors = (ConfigError, CommandError, BrokerError, StartError, OSError, ValueError, KeyError)
     started = time.monotonic()
     try:
         config = load_config(args.config)

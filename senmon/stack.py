@@ -1,9 +1,10 @@
 """Bring senmon's infrastructure up and down: Ray and the Kafka connection.
 
 With the embedded default this starts a local Ray instance and the embedded Kafka-protocol
-broker on loopback, waits until both answer, creates the topics, and on exit stops both. With
-a production config (`ray.address` set, `kafka.embedded: false`) it joins the existing Ray
-cluster and checks that the configured Kafka answers; it starts and stops nothing of theirs.
+broker, both on loopback only (every port of that Ray listens on 127.0.0.1: `loopback_node`),
+waits until both answer, creates the topics, and on exit stops both. With a production config
+(`ray.address` set, `kafka.embedded: false`) it joins the existing Ray cluster and checks that
+the configured Kafka answers; it starts and stops nothing of theirs.
 
 A stack that starts processes on this machine tags them: before it starts anything it puts
 `SENMON_STACK=<id>` in its environment, which every process it starts inherits (the broker, Ray's
@@ -25,6 +26,7 @@ import os
 import signal
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,9 +109,32 @@ def start_ray(config: SenmonConfig) -> bool:
         ray.init(address=config.ray.address, namespace=config.ray.namespace,
                  logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
         return False
-    ray.init(num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
+    with loopback_node():
+        ray.init(num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
     return True
+
+
+@contextmanager
+def loopback_node():
+    """While it lasts, a Ray instance that `ray.init()` starts takes 127.0.0.1 as its node address.
+
+    Each Ray process binds its ports to the node address when that is loopback and to every
+    interface otherwise (the GCS, the raylet, every worker's gRPC port, the dashboard agent's gRPC,
+    HTTP and Prometheus metrics ports, the runtime-env agent). `ray.init(_node_ip_address="127.0.0.1")`
+    does not help: Ray turns a loopback address into the machine's reachable one. It picks loopback
+    itself only where it disables clusters (macOS and Windows, `ray_constants.ENABLE_RAY_CLUSTER`),
+    so this turns that flag off for the start and back on after. For the embedded stack only: a
+    cluster's head must listen on its network.
+    """
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 # Ray's token authentication (on by default for a cluster that ray.init() starts): the mode is the

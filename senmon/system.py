@@ -6,7 +6,9 @@ of every model that has none (the shared tokenizer, the generalist, each special
 applications (router plus one vLLM application per model), the retraining scheduler and the
 Kafka ingest supervisor whose new-data signal goes to the scheduler. `System.stop()` takes down
 what this call started, in reverse order, and leaves the durable state (datasets, checkpoints,
-registry, run records) in the storage root. `senmon up`, `senmon demo` and the end-to-end test
+registry, run records) in the storage root. A start that fails stops what it had started and
+raises `StartError`, whose message is one line: the step that failed and why (the CLI prints it
+as it is, with no traceback). `senmon up`, `senmon demo` and the end-to-end test
 all go through here.
 
 The scheduler reaches the other parts through two hooks, both plain functions below, so that
@@ -16,6 +18,7 @@ through serve/swap.py) and `reset_new_data` (new documents count toward the next
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,6 +33,22 @@ INGEST = "senmon-ingest"
 SWAP_HOOK = "senmon.system:swap_on_promotion"
 ROUTER_HOOK = "senmon.system:retrain_router"
 RESET_HOOK = "senmon.system:reset_new_data"
+
+log = logging.getLogger(__name__)
+
+
+class StartError(RuntimeError):
+    """`start_system` failed; the message is one line (the step and why), the cause is chained."""
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """An error as one line: an actor's or task's own error rather than Ray's wrapper, lines joined."""
+    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ray.exceptions.RayError) or not str(error).strip():
+        text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def swap_on_promotion(config_data: dict, name: str, record: dict, registry_name: str = REGISTRY,
@@ -134,6 +153,7 @@ class System:
     scheduler: Any = None
     ingest: Any = None
     served: Any = None
+    serve_started: bool = False  # deploy was called: a failed deploy may have left Serve's controller and apps
     relay: Any = None  # progress bars of the scheduler's retrains (senmon/progress.py), when in a terminal
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -157,11 +177,11 @@ class System:
             if self.relay is not None:
                 self.relay.__exit__(None, None, None)
                 self.relay = None
-            if self.served is not None:
+            if self.served is not None or self.serve_started:
                 from senmon.serve.app import shutdown
 
                 shutdown(self.config)
-                self.served = None
+                self.served, self.serve_started = None, False
             if self.registry is not None:
                 ray.kill(self.registry, no_restart=True)  # its file stays; the next start reads it back
                 self.registry = None
@@ -179,7 +199,8 @@ class System:
 
 def start_system(config: SenmonConfig, *, train: bool = True, serve: bool = True, ingest: bool = True,
                  schedule: bool = True, seed: bool = True, say: Callable[[str], None] = print) -> System:
-    """Start every part (see the module docstring); on failure, stop what was started and re-raise."""
+    """Start every part (see the module docstring); on failure, stop what was started and raise
+    `StartError` (one line: the step and why) from the error (KeyboardInterrupt and the like as they are)."""
     from senmon.actors.registry import get_or_create_registry
     from senmon.actors.scheduler import get_or_create_scheduler
     from senmon.ingest.store import DatasetStore
@@ -187,31 +208,38 @@ def start_system(config: SenmonConfig, *, train: bool = True, serve: bool = True
     from senmon.stack import start_stack
 
     system = System(config)
+    step = "starting Ray" + (" and Kafka" if ingest else "")
     try:
         t0 = time.monotonic()
         system.stack = start_stack(config, kafka=ingest)
         system.timings["stack_s"] = time.monotonic() - t0
         if seed:
+            step = "seeding the dataset store"
             store = DatasetStore(config.storage_root)
             if not store.domains():
                 counts = store.seed_from_corpus(config.corpus_dir, config.domains)
                 say(f"dataset store seeded from {config.corpus_dir}: {sum(counts.values()):,} documents")
+        step = "starting the model registry"
         system.registry = get_or_create_registry(config.storage_root, name=REGISTRY)
         if train:
+            step = "training the first versions"
             t0 = time.monotonic()
             train_missing(config, system.registry, say)
             system.timings["train_s"] = time.monotonic() - t0
         if serve:
             from senmon.serve.app import deploy
 
+            step = "starting Ray Serve (router and engines)"
             t0 = time.monotonic()
             say("starting the router and one vLLM engine per model on Ray Serve ...")
+            system.serve_started = True
             system.served = deploy(config, system.registry)
             system.timings["serve_s"] = time.monotonic() - t0
             say(f"  serving on {system.served.url}: "
                 + ", ".join(f"{m} v{v}" for m, v in sorted(system.served.models.items()))
                 + f" ({system.timings['serve_s']:.0f} s)")
         if schedule:
+            step = "starting the retraining scheduler"
             system.scheduler = get_or_create_scheduler(
                 config, REGISTRY, swap_hook=SWAP_HOOK if serve else None, data_reset_hook=RESET_HOOK if ingest else None,
                 router_hook=ROUTER_HOOK if serve else None, name=SCHEDULER)
@@ -221,9 +249,16 @@ def start_system(config: SenmonConfig, *, train: bool = True, serve: bool = True
         if ingest:
             from senmon.ingest.supervisor import start_ingest
 
+            step = "starting the Kafka ingest"
             system.ingest = start_ingest(config, listener=SCHEDULER if schedule else None, name=INGEST)
             ray.get(system.ingest.status.remote(), timeout=60)
         return system
-    except BaseException:
-        system.stop()
+    except BaseException as error:
+        try:
+            system.stop()
+        except Exception:  # the start's own error is the one to report
+            log.exception("stopping what the failed start had started failed")
+        if isinstance(error, Exception) and not isinstance(error, StartError):
+            raise StartError(f"did not start: {step} failed: {one_line(error)} "
+                             "(what it had started is stopped)") from error
         raise

@@ -124,6 +124,47 @@ def _ensure_routing_model(config: SenmonConfig) -> None:
         log.info("routing model trained in %.1f s", time.monotonic() - started)
 
 
+SERVE_START_ATTEMPTS = 3
+
+
+def worth_retrying(error: BaseException) -> bool:
+    """Whether a failed `serve.start` may succeed when tried again.
+
+    Under load Ray can kill Serve's controller or HTTP proxy actor before it runs (`ActorDiedError`
+    that is not an error of its constructor), find it unavailable for a moment, or the proxy may
+    not answer within Serve's timeout (`TimeoutError`). A proxy whose constructor raised (its port
+    taken, a bad option) fails the same way each time, and so does anything else.
+    """
+    if isinstance(error, ray.exceptions.ActorDiedError):
+        return not error.actor_init_failed
+    return isinstance(error, (ray.exceptions.ActorUnavailableError, TimeoutError))
+
+
+def start_serve(http_options: dict, *, attempts: int = SERVE_START_ATTEMPTS, start=None, stop=None,
+                sleep=time.sleep, pause_s: float = 2.0) -> None:
+    """`serve.start(http_options=...)`, tried up to `attempts` times while it fails in a way
+    `worth_retrying`; before each retry what the failed start left (Serve's controller and proxies)
+    is shut down, and the next try waits `pause_s` more. The last error, or one not worth retrying,
+    is raised. `start`, `stop` and `sleep` are for tests (default: serve.start, serve.shutdown)."""
+    start = start or (lambda: serve.start(http_options=http_options))
+    stop = stop or serve.shutdown
+    for attempt in range(1, attempts + 1):
+        try:
+            start()
+            return
+        except Exception as error:
+            if attempt == attempts or not worth_retrying(error):
+                raise
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            log.warning("starting Serve failed (%s: %s); trying again (%d of %d)", type(error).__name__,
+                        first_line[:200], attempt + 1, attempts)
+            try:
+                stop()
+            except Exception:  # nothing left to stop, or Ray will clean it up with the next start
+                log.debug("shutting down the failed Serve start failed", exc_info=True)
+            sleep(pause_s * attempt)
+
+
 def deploy(config: SenmonConfig, registry, *, timeout_s: float = 900.0) -> Served:
     """Deploy the router and every model with a serving version; returns URL and handle.
 
@@ -140,7 +181,7 @@ def deploy(config: SenmonConfig, registry, *, timeout_s: float = 900.0) -> Serve
 
         quiet_driver_logs()
     host = bind_host(config.http)
-    serve.start(http_options={"host": host, "port": config.http.port})
+    start_serve({"host": host, "port": config.http.port})
     _ensure_routing_model(config)
     table = get_or_create_table(config.serve.app_name, config.ray.namespace, config.storage_root)
     records = _serving_records(config, registry)

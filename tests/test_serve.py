@@ -308,6 +308,66 @@ def test_api_keys_and_admin_key(served):
     assert_openai_error(httpx.get(served[2].url + "/v1/nowhere", headers={"Authorization": f"Bearer {API_KEY}"}), 404)
 
 
+def test_keys_never_in_responses_or_ray_logs(served):
+    """The API key, the admin key and a wrong key (with a marker no other test sends) go to /v1 and
+    /admin routes that answer 200, 400, 401, 403, 404 and 409: no response body or header carries
+    any of them, and no file of the Ray session (Serve's access, proxy, controller and replica logs,
+    the workers' and Ray's own) holds one of them once the logs are flushed."""
+    marker = f"leakmarker{uuid.uuid4().hex}"
+    wrong, wrong_admin = f"sk-{marker}-api", f"sk-{marker}-admin"
+    url = served[2].url
+
+    def get(path: str, key: str | None, scheme: str = "Bearer") -> httpx.Response:
+        return httpx.get(url + path, headers={"Authorization": f"{scheme} {key}"} if key else {}, timeout=300)
+
+    answers = [
+        (get("/v1/models", API_KEY), 200),
+        (post(served, "/v1/completions", {"model": "law", "prompt": "x", "max_tokens": 1}), 200),
+        (post(served, "/v1/completions", {"model": "law", "prompt": "x", "max_tokens": 1}, key=wrong), 401),
+        (post(served, "/v1/chat/completions", {"model": "law", "messages": []}, key=wrong), 401),
+        (get("/v1/models", wrong), 401),
+        (get("/v1/models", marker, scheme="Basic"), 401),
+        (get("/status/data", API_KEY), 200),
+        (get("/status/data", wrong), 401),
+        (post(served, "/v1/completions", {"model": "law"}), 400),
+        (post(served, "/v1/completions", raw=b'{"model": "law", "prompt": '), 400),
+        (post(served, "/v1/completions", {"model": "nope", "prompt": "x"}), 404),
+        (get("/v1/models/nope", API_KEY), 404),
+        (get("/v1/nowhere", API_KEY), 404),
+        (get("/v1/nowhere", wrong), 404),
+        (post(served, "/admin/reload", {}, key=API_KEY), 403),
+        (post(served, "/admin/reload", {}, key=wrong_admin), 403),
+        (post(served, "/admin/promote", {"specialist": "law"}, key=wrong_admin), 403),
+        (post(served, "/admin/promote", {"specialist": "law"}, key=None), 401),
+        (post(served, "/admin/promote", {"specialist": "law"}, key=ADMIN_KEY), 400),
+        (post(served, "/admin/promote", {"specialist": "nope", "version": 1}, key=ADMIN_KEY), 404),
+        (post(served, "/admin/rollback", {"specialist": "law"}, key=ADMIN_KEY), 409),
+        (post(served, "/admin/reload", {"wait": "soon"}, key=ADMIN_KEY), 400),
+        (get("/admin/swaps/nope", ADMIN_KEY), 404),
+        (get("/admin/swaps/nope", wrong_admin), 403),
+    ]
+    secrets = [API_KEY, ADMIN_KEY, marker]
+    for response, status in answers:
+        assert response.status_code == status, (response.request.url, response.text)
+        shown = response.text + "\n".join(f"{k}: {v}" for k, v in response.headers.items())
+        assert not [s for s in secrets if s in shown], (response.request.url, shown)
+
+    time.sleep(3)  # Serve's access and replica logs are written as each request ends; leave time to flush
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    scanned, found = 0, []
+    for path in session.rglob("*"):
+        if not path.is_file() or path.is_symlink() or "runtime_resources" in path.parts:
+            continue  # runtime_resources: packages copied for runtime environments, not logs
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        scanned += 1
+        found += [(str(path.relative_to(session)), s) for s in secrets if s.encode() in data]
+    assert scanned > 20 and any((session / "logs" / "serve").glob("*")), scanned  # the logs are there to read
+    assert not found, f"keys in the Ray session's files: {found}"
+
+
 def test_bind_host_without_keys_is_loopback(caplog):
     from senmon.config import HttpConfig
     from senmon.serve.auth import Keys, bind_host
