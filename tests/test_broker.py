@@ -134,6 +134,7 @@ def test_memory_broker_forgets_everything_when_it_stops(tmp_path):
         broker.stop()
 
 
+
 def test_object_server_answers_the_s3_calls_the_broker_makes(tmp_path):
     """Conditional PUTs (the broker's coordination), ranges, pages of ListObjectsV2 with a delimiter,
     deletes, and the objects read back from the files by a new server."""
@@ -150,6 +151,17 @@ def test_object_server_answers_the_s3_calls_the_broker_makes(tmp_path):
         connection.close()
         return result
 
+    def list_all(server, query: str, pattern: str) -> list[str]:
+        """Every match of `pattern` in a ListObjectsV2 of bucket b, page after page (continuation tokens)."""
+        found, token = [], None
+        while True:
+            listing = call(server, "GET", "/b?list-type=2&" + query + (f"&continuation-token={token}" if token else ""))
+            text = listing[2].decode()
+            found += re.findall(pattern, text)
+            if "<NextContinuationToken>" not in text:
+                return found
+            token = re.search(r"<NextContinuationToken>(.*?)</NextContinuationToken>", text).group(1)
+
     with ObjectStoreServer(tmp_path) as server:
         status, headers, _ = call(server, "PUT", "/b/meta.json", b"v1", {"If-None-Match": "*"})
         assert status == 200
@@ -164,24 +176,11 @@ def test_object_server_answers_the_s3_calls_the_broker_makes(tmp_path):
         assert call(server, "GET", "/b/missing")[0] == 404
         for i in range(25):
             call(server, "PUT", f"/b/t/p{i % 3}/records/{i:020}.batch", b"x" * i)
-        keys, prefixes, token = [], [], None
-        while True:  # pages of 7, as a client pages through a long partition
-            query = "list-type=2&prefix=t/&delimiter=/&max-keys=7" + (f"&continuation-token={token}" if token else "")
-            listing = call(server, "GET", f"/b?{query}")[2].decode()
-            prefixes += re.findall(r"<CommonPrefixes><Prefix>(.*?)</Prefix>", listing)
-            if "<NextContinuationToken>" not in listing:
-                break
-            token = re.search(r"<NextContinuationToken>(.*?)</NextContinuationToken>", listing).group(1)
-        assert prefixes == ["t/p0/", "t/p1/", "t/p2/"]
-        token = None
-        while True:
-            query = "list-type=2&prefix=t/p1/records/&max-keys=3" + (f"&continuation-token={token}" if token else "")
-            listing = call(server, "GET", f"/b?{query}")[2].decode()
-            keys += re.findall(r"<Key>(.*?)</Key>", listing)
-            if "<NextContinuationToken>" not in listing:
-                break
-            token = re.search(r"<NextContinuationToken>(.*?)</NextContinuationToken>", listing).group(1)
-        assert keys == [f"t/p1/records/{i:020}.batch" for i in range(1, 25, 3)]
+        # pages of 7 and of 3, as a client pages through a long partition
+        assert list_all(server, "prefix=t/&delimiter=/&max-keys=7", "<CommonPrefixes><Prefix>(.*?)</Prefix>") == [
+            "t/p0/", "t/p1/", "t/p2/"]
+        assert list_all(server, "prefix=t/p1/records/&max-keys=3", "<Key>(.*?)</Key>") == [
+            f"t/p1/records/{i:020}.batch" for i in range(1, 25, 3)]
         assert call(server, "DELETE", "/b/t/p1/records/00000000000000000001.batch")[0] == 204
     with ObjectStoreServer(tmp_path) as again:  # a new server reads the files back
         assert call(again, "GET", "/b/meta.json")[::2] == (200, b"v2")
