@@ -72,6 +72,8 @@ def llm_config(config: SenmonConfig, model: str, version: int, path: str):
             env["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]
         # vLLM's "auto" binding pins every engine's threads to the same core; several engines share a host here
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        # the worker inside the engine-core process, not a process of its own (serve/engine.py, one_process_worker)
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return LLMConfig(
         model_loading_config={"model_id": model, "model_source": path},
         engine_kwargs=engine_kwargs,

@@ -923,6 +923,7 @@ def _kill_under_load(served, app: str, deployment: str, killed_label: str | None
     name, pid = _replica(app, deployment)
     process = psutil.Process(pid)
     children = [(c.pid, c.create_time(), c.memory_info().rss) for c in process.children(recursive=True)]
+    child_names = sorted(c.name() for c in process.children(recursive=True))
 
     def alive(pid_, created) -> bool:
         try:
@@ -965,7 +966,7 @@ def _kill_under_load(served, app: str, deployment: str, killed_label: str | None
                                 "p99_s": _percentile([r[2] - r[1] for r in during], 99)},
         "others_before_fault": {"p50_s": _percentile([r[2] - r[1] for r in others if r[2] < killed_at], 50),
                                 "p99_s": _percentile([r[2] - r[1] for r in others if r[2] < killed_at], 99)},
-        "children_of_killed_replica": len(children),
+        "children_of_killed_replica": len(children), "children_names": child_names,
         "children_rss_mb": round(sum(rss for _, _, rss in children) / 2**20),
         "children_gone_within_s": None if orphans else children_gone_s, "orphan_count": len(orphans), "orphans": orphans,
         "errors": [{"label": label, "status": str(status), "retry_after": retry, "body": text}
@@ -1023,6 +1024,8 @@ def test_engine_replica_killed_under_load_requests_wait_for_the_replacement(serv
         assert figure["killed_model"]["failed"] == 0, figure
     assert figure["killed_model"]["requests"] >= 4 and figure["others"]["requests"] >= 10, figure
     assert not figure["orphans"], figure
+    # on CPU the engine's worker runs inside its engine-core process (serve/engine.py, one_process_worker)
+    assert "VLLM::EngineCore" in figure["children_names"] and "VLLM::Worker" not in figure["children_names"], figure
 
 
 def test_router_replica_killed_under_load_recovers(served):
