@@ -94,3 +94,14 @@ def test_fast_scores_equal_the_classifiers_own_probabilities(words_chars_model):
 def test_unknown_features_are_refused():
     with pytest.raises(ValueError, match="unknown routing features"):
         RoutingModel.train({"law": ["x" * 50], "code": ["y" * 50]}, features="bag-of-magic")
+
+
+def test_one_specialist_gets_every_text_and_the_model_saves_and_loads():
+    """A deployment with a single specialist (the `ray up` test's) still has a routing model: every text is that
+    specialist's, with confidence 1, so `auto` asks it; the likelihood second opinion never fires."""
+    model = RoutingModel.train({"law": texts("train", 5)["law"]}, seed=0)
+    again = RoutingModel.loads(model.dumps())
+    for m in (model, again):
+        routes = m.route(["Permission is hereby granted", "吾輩は猫である", ""])
+        assert [(r.specialist, r.confidence) for r in routes] == [("law", 1.0)] * 3
+        assert m.accuracy({"law": texts("test", 3)["law"]}) == {"law": 1.0}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import joblib
 import numpy as np
 from scipy.special import expit, softmax
+from sklearn.dummy import DummyClassifier
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 
@@ -111,17 +112,19 @@ def augmented(text: str, rng: random.Random, features: str) -> list[str]:
 class RoutingModel:
     """Hashed n-gram features + a log-loss linear model over the specialists' names."""
 
-    def __init__(self, classifier: LogisticRegression | SGDClassifier, meta: dict):
+    def __init__(self, classifier: LogisticRegression | SGDClassifier | DummyClassifier, meta: dict):
         self.classifier = classifier
         self.meta = meta
         self.features = meta.get("features", CHAR13)  # models saved before features had names are CHAR13
         self.vectorizer = vectorizer(self.features)
         self.labels: list[str] = [str(label) for label in classifier.classes_]
-        # weights stored column-major, so coef_.T is C-contiguous: scipy would otherwise copy coef_.T (tens of MB
-        # with 2**20 features) on every product, most of a prompt's routing time
-        classifier.coef_ = np.asfortranarray(classifier.coef_)
-        self._weights = classifier.coef_.T
-        self._bias = np.asarray(classifier.intercept_)
+        self._weights = self._bias = None
+        if hasattr(classifier, "coef_"):  # not the one-specialist model
+            # weights stored column-major, so coef_.T is C-contiguous: scipy would otherwise copy coef_.T (tens of
+            # MB with 2**20 features) on every product, most of a prompt's routing time
+            classifier.coef_ = np.asfortranarray(classifier.coef_)
+            self._weights = classifier.coef_.T
+            self._bias = np.asarray(classifier.intercept_)
 
     @classmethod
     def train(cls, texts_by_specialist: dict[str, list[str]], seed: int = 0,
@@ -135,7 +138,9 @@ class RoutingModel:
                     labels.append(name)
         started = time.monotonic()
         matrix = vectorizer(features).transform(texts)
-        if features == CHAR13:
+        if len(set(labels)) == 1:  # one specialist: nothing to tell apart, every text is its (confidence 1)
+            classifier = DummyClassifier(strategy="prior")
+        elif features == CHAR13:
             classifier = LogisticRegression(C=10.0, max_iter=300)
         else:  # the same log loss by SGD: seconds instead of minutes on the larger feature space
             classifier = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=20, tol=None, random_state=seed)
@@ -147,6 +152,8 @@ class RoutingModel:
 
     def scores(self, texts: list[str]) -> np.ndarray:
         """Class probabilities per text, as the classifier's predict_proba computes them."""
+        if self._weights is None:  # the one-specialist model
+            return np.ones((len(texts), 1))
         decision = np.asarray(self.vectorizer.transform(texts) @ self._weights) + self._bias
         if decision.shape[1] == 1:  # two classes: one logit
             positive = expit(decision[:, 0])
