@@ -3,7 +3,9 @@
 (1) Overhead: the same engine (one specialist application, a random-init Llama with the shared
     tokenizer) driven at the same concurrency with the same prompts, once through the router over
     HTTP (OpenAI JSON, API key, routing by name and by content) and once directly through the
-    engine's Serve handle (no HTTP, no router). Tokens/s and p50/p99 latency side by side.
+    engine's Serve handle (no HTTP, no router), and once through a bare Serve HTTP ingress that only forwards
+    (the floor of any HTTP front door on Serve; `deploy_bare_ingress`). Tokens/s, p50/p99 latency, the ratio to
+    direct (the goal's measure) and to bare, and CPU milliseconds per request of each process on the path.
 (2) Routing: the routing model trained on the full corpus; accuracy per domain on the test split
     (whole documents and 100-character snippets), on hand-written prompts it never saw
     (Japanese included), and its latency per prompt.
@@ -11,13 +13,16 @@
     promoted in place (weights reloaded in the running engine, verified), rolled back in place,
     and promoted blue/green (a new engine started beside the old, the cold-start path); for each,
     the swap's duration, requests sent and failed, and p50/p99 latency before / during / after.
-Usage: python -m bench.serving [--requests N] [--concurrency 1,16]
+Usage: python -m bench.serving [--concurrency 1,8,32] [--only overhead[,routing,swaps]]
+       (or python -m bench serving --only overhead)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
 import os
 import shutil
 import statistics
@@ -30,11 +35,12 @@ import httpx
 import ray
 import yaml
 
-from bench.common import table, write_results
+from bench.common import RESULTS, table, write_results
 from senmon.config import DEFAULT_CONFIG, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key"
+DIRECT = "engine handle (direct)"
 MAX_TOKENS = 64
 
 # Prompts written for this benchmark, not taken from the corpus: the router has never seen them.
@@ -75,6 +81,102 @@ def pct(values: list[float], q: float) -> float:
 # --------------------------------------------------------------------------- (1) overhead
 
 
+def _processes(app: str, engine_app: str) -> dict[int, str]:
+    """pid -> part, for the processes a request can pass through on this host (Linux /proc; empty elsewhere):
+    Serve's HTTP proxy, the router replica, the bare ingress, the engine (its replica and vLLM's engine core and
+    worker processes under it), this driver, and the rest of Ray (controller, GCS, raylet, agents, log monitor)."""
+    def read(pid: str, name: str) -> str:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+
+    parents, commands = {}, {}
+    try:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                commands[pid] = read(pid, "cmdline")
+                parents[pid] = read(pid, "stat").rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+    except OSError:
+        return {}
+    me = str(os.getpid())
+
+    def ours(pid: str) -> bool:  # started by this driver's Ray instance (the driver starts GCS and the raylet)
+        for _ in range(6):
+            pid = parents.get(pid)
+            if pid is None or pid == "0":
+                return False
+            if pid == me:
+                return True
+        return False
+
+    parts = {}
+    for pid, command in commands.items():
+        if pid != me and not ours(pid):
+            continue  # another engineer's Ray or engines on a shared host
+        part = None
+        if command.startswith("ray::ProxyActor"):
+            part = "proxy"
+        elif command.startswith(f"ray::ServeReplica:{app}:router"):
+            part = "router"
+        elif command.startswith(f"ray::ServeReplica:{app}-bare:"):
+            part = "bare ingress"
+        elif command.startswith(f"ray::ServeReplica:{engine_app}:"):
+            part = "engine"
+        elif pid == me:
+            part = "driver (client)"
+        elif command.startswith("VLLM::"):  # the engine core is the replica's child, its worker the core's child
+            ancestors = [parents.get(pid), parents.get(parents.get(pid, ""), "")]
+            part = "engine" if any(commands.get(a or "", "").startswith(f"ray::ServeReplica:{engine_app}:")
+                                   for a in ancestors) else "rest of Ray"
+        elif command.startswith("ray::") or "/ray/" in command:
+            part = "rest of Ray"
+        if part:
+            parts[int(pid)] = part
+    return parts
+
+
+def _cpu_seconds(pids) -> dict[int, float]:
+    tick, seconds = os.sysconf("SC_CLK_TCK"), {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime, all threads
+        except (OSError, IndexError, ValueError):
+            pass
+    return seconds
+
+
+class CpuMeter:
+    """CPU milliseconds per request spent by each part of the path (and in all) while a path is driven: where the
+    router path's extra cost lands. On a shared host other work shows up only in `host_busy_ms`."""
+
+    def __init__(self, app: str, engine_app: str):
+        self.parts = _processes(app, engine_app)
+
+    @staticmethod
+    def _host() -> float:
+        try:
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+            return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+
+    def start(self) -> None:
+        self.before, self.host_before = _cpu_seconds(self.parts), self._host()
+
+    def stop(self, requests: int) -> dict[str, float]:
+        after, per_part = _cpu_seconds(self.parts), {}
+        for pid, part in self.parts.items():
+            if pid in after and pid in self.before:
+                per_part[part] = per_part.get(part, 0.0) + after[pid] - self.before[pid]
+        result = {part: round(1000 * value / max(requests, 1), 2) for part, value in sorted(per_part.items())}
+        result["host_busy_ms"] = round(1000 * (self._host() - self.host_before) / max(requests, 1), 2)
+        return result
+
+
 async def drive(call, prompts: list[str], concurrency: int) -> dict:
     """Run `call(prompt) -> completion tokens` over prompts with `concurrency` workers."""
     queue = list(prompts)
@@ -99,14 +201,47 @@ async def drive(call, prompts: list[str], concurrency: int) -> dict:
             "tokens_per_s": tokens / wall, "p50_ms": pct(latencies, 50) * 1000, "p99_ms": pct(latencies, 99) * 1000}
 
 
+BARE = "engine, HTTP, bare ingress"
+BARE_ROUTE = "/bare"
+
+
+def deploy_bare_ingress(name: str, model: str, engine_app: str) -> None:
+    """A second baseline: the same engine behind the least a Serve HTTP ingress can do (Serve's HTTP proxy and one
+    replica that parses the body into vLLM's request, calls the engine's handle and answers its JSON; no FastAPI,
+    keys, checks, routing, metrics or `senmon` field), at `BARE_ROUTE`. Against the router it isolates what
+    senmon's router itself costs; against the direct handle, what any HTTP front door on Serve costs here."""
+    from ray import serve
+
+    @serve.deployment(name="bare", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+    class Bare:
+        def __init__(self):
+            from senmon.serve.specialist import ENGINE_PREFIX
+
+            self.engine = serve.get_deployment_handle(ENGINE_PREFIX + model, engine_app).options(stream=True)
+
+        async def __call__(self, request):  # Serve hands a plain (non-FastAPI) deployment starlette's Request
+            from ray.serve.llm.openai_api_models import CompletionRequest
+            from starlette.responses import JSONResponse
+
+            body = CompletionRequest.model_validate(json.loads(await request.body()))
+            async for item in self.engine.completions.remote(body):
+                return JSONResponse(item.model_dump(mode="json"))
+
+    serve.run(Bare.bind(), name=name, route_prefix=BARE_ROUTE)
+
+
 def overhead(url: str, model: str, app: str, prompts: list[str], auto_prompts: list[str],
-             levels: list[int]) -> list[dict]:
+             levels: list[int], bare: bool = True, router_app: str = "senmon-bench") -> list[dict]:
+    """Tokens/s per path and concurrency. `bare`: also the engine behind a bare Serve HTTP ingress (the second
+    baseline; see `deploy_bare_ingress`, which must have been deployed)."""
     from ray import serve
     from ray.serve.llm.openai_api_models import CompletionRequest
 
     from senmon.serve.specialist import ENGINE_PREFIX
 
     engine = serve.get_deployment_handle(ENGINE_PREFIX + model, app).options(stream=True)
+    # Ray's driver logging puts httpx at INFO: one formatted log line per request, which only the HTTP paths paid
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     async def direct(prompt: str) -> int:
         request = CompletionRequest(model=model, prompt=prompt, max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0)
@@ -117,9 +252,9 @@ def overhead(url: str, model: str, app: str, prompts: list[str], auto_prompts: l
         rows = []
         async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {API_KEY}"},
                                      limits=httpx.Limits(max_connections=256)) as http:
-            def via_router(name: str):
+            def via_router(name: str, prefix: str = ""):
                 async def call(prompt: str) -> int:
-                    r = await http.post(url + "/v1/completions", json={
+                    r = await http.post(url + prefix + "/v1/completions", json={
                         "model": name, "prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0})
                     r.raise_for_status()
                     return r.json()["usage"]["completion_tokens"]
@@ -127,18 +262,34 @@ def overhead(url: str, model: str, app: str, prompts: list[str], auto_prompts: l
 
             await drive(direct, prompts[:8], 4)  # warm both paths
             await drive(via_router(model), prompts[:8], 4)
+            if bare:
+                await drive(via_router(model, BARE_ROUTE), prompts[:8], 4)
             for level in levels:
                 count = max(4 * level, 32)
                 batch = (prompts * (count // len(prompts) + 1))[:count]
                 auto_batch = (auto_prompts * (count // len(auto_prompts) + 1))[:count]
-                for path, call, texts in (("engine handle (direct)", direct, batch),
-                                          ("router, HTTP, named", via_router(model), batch),
-                                          ("router, HTTP, auto", via_router("auto"), auto_batch)):
+                paths = [(DIRECT, direct, batch)]
+                if bare:
+                    paths.append((BARE, via_router(model, BARE_ROUTE), batch))
+                paths += [("router, HTTP, named", via_router(model), batch),
+                          ("router, HTTP, auto", via_router("auto"), auto_batch)]
+                baseline, bare_tps = None, None
+                for path, call, texts in paths:
+                    meter = CpuMeter(router_app, app)
+                    meter.start()
                     result = await drive(call, texts, level)
-                    rows.append({"path": path, "concurrency": level, **result})
-                    print(f"  {path:24s} c={level:3d}: {result['tokens_per_s']:8.0f} tok/s, "
-                          f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, failed {result['failed']}",
-                          flush=True)
+                    result["cpu_ms_per_request"] = meter.stop(len(texts))
+                    baseline = baseline or result["tokens_per_s"]
+                    result["ratio_vs_direct"] = result["tokens_per_s"] / baseline
+                    if path == BARE:
+                        bare_tps = result["tokens_per_s"]
+                    elif path != DIRECT and bare_tps:
+                        result["ratio_vs_bare"] = result["tokens_per_s"] / bare_tps
+                    rows.append({"path": path, "concurrency": level, "load_average_1m": os.getloadavg()[0], **result})
+                    versus_bare = f", {result['ratio_vs_bare']:.2f}x bare" if "ratio_vs_bare" in result else ""
+                    print(f"  {path:27s} c={level:3d}: {result['tokens_per_s']:8.0f} tok/s "
+                          f"({result['ratio_vs_direct']:.2f}x direct{versus_bare}), p50 {result['p50_ms']:.0f} ms, "
+                          f"p99 {result['p99_ms']:.0f} ms, failed {result['failed']}", flush=True)
         return rows
 
     return asyncio.run(run_all())
@@ -218,6 +369,48 @@ def swap_under_load(url: str, config, model: str, record: dict, clients: int, qu
 
 # --------------------------------------------------------------------------- main
 
+SECTIONS = ["overhead", "routing", "swaps"]
+# the results keys each section writes; a run of some sections keeps the others' last results
+SECTION_KEYS = {"overhead": ("model", "max_tokens", "overhead", "load_average_1m", "auto_prompts_routed_to_law"),
+                "routing": ("routing",), "swaps": ("swaps",)}
+
+
+def merge_previous(results: dict, sections: list[str]) -> dict:
+    """This run's results, plus the last results file's keys of the sections not run now (each with its date)."""
+    previous_path = RESULTS / "serving.json"
+    if set(sections) == set(SECTIONS) or not previous_path.exists():
+        return results
+    previous = json.loads(previous_path.read_text(encoding="utf-8"))
+    merged, kept = dict(results), dict(previous.get("section_dates") or {})
+    for section in SECTIONS:
+        if section in sections:
+            kept[section] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            continue
+        kept.setdefault(section, previous.get("when"))
+        for key in SECTION_KEYS[section]:
+            if key in previous and key not in merged:
+                merged[key] = previous[key]
+    if "deploy_timings" not in merged and "deploy_timings" in previous:
+        merged["deploy_timings"] = previous["deploy_timings"]
+    merged["section_dates"] = kept  # when each section's results were measured
+    return merged
+
+
+def overhead_table(over: list[dict]) -> str:
+    direct = {r["concurrency"]: r for r in over if r["path"] == DIRECT}
+    rows = [[r["path"], r["concurrency"], f"{r['tokens_per_s']:,.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
+             f"{r['tokens_per_s'] / direct[r['concurrency']]['tokens_per_s']:.2f}" if r["concurrency"] in direct
+             else "-", f"{r['ratio_vs_bare']:.2f}" if "ratio_vs_bare" in r else "-", r["failed"]] for r in over]
+    lines = [table(["path", "concurrency", "tokens/s", "p50 ms", "p99 ms", "ratio vs direct (the goal)",
+                    "ratio vs bare", "failed"], rows)]
+    parts = ["engine", "proxy", "router", "bare ingress", "driver (client)", "rest of Ray", "host_busy_ms"]
+    cpu_rows = [[r["path"], r["concurrency"], *[f"{r['cpu_ms_per_request'].get(p, 0.0):.1f}" for p in parts]]
+                for r in over if r.get("cpu_ms_per_request")]
+    if cpu_rows:
+        lines += ["", "CPU ms per request, by process (an idle process's background work included)",
+                  table(["path", "concurrency", *parts[:-1], "whole host"], cpu_rows)]
+    return "\n".join(lines)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -225,8 +418,15 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--port", type=int, default=18765)
     parser.add_argument("--hidden", type=int, default=128, help="hidden size of the served model")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated sections to run: overhead, routing, swaps (default: all); results of "
+                             "sections not run are kept from the last results file")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
+    sections = SECTIONS if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        parser.error(f"--only: choose from {', '.join(SECTIONS)} (got {args.only!r})")
 
     from ray import serve
 
@@ -249,8 +449,10 @@ def main() -> None:
     store = DatasetStore(config.storage_root)
     store.seed_from_corpus(config.corpus_dir, config.domains)
 
-    print("(2) routing model on the full corpus", flush=True)
-    routed = routing(config, store)
+    results: dict = {}
+    if "routing" in sections:
+        print("(2) routing model on the full corpus", flush=True)
+        results["routing"] = routing(config, store)
 
     tokenizer = tokenizer_json(config)
     registry = get_or_create_registry(config.storage_root, name=f"bench-registry-{uuid.uuid4().hex[:6]}")
@@ -261,57 +463,66 @@ def main() -> None:
     ray.get(registry.promote.remote("law", 1, 0.01))
     shape = {"hidden_size": args.hidden, "num_hidden_layers": 2, "vocab_size": config.training.vocab_size}
 
-    print("deploying law v1 behind the router", flush=True)
-    served = deploy(config, registry)
-    law_prompts = [t[:200] for t in store.texts("law", "test")][:32]
-    # only law is deployed here: "auto" is driven with the law prompts the router sends to law
-    from senmon.train.routing import load_router
+    if "overhead" in sections or "swaps" in sections:
+        print("deploying law v1 behind the router", flush=True)
+        served = deploy(config, registry)
+        results["deploy_timings"] = served.timings
+    if "overhead" in sections:
+        law_prompts = [t[:200] for t in store.texts("law", "test")][:32]
+        # only law is deployed here: "auto" is driven with the law prompts the router sends to law
+        from senmon.train.routing import load_router
 
-    router_model = load_router(config.storage_root)
-    auto_prompts = [p for p, r in zip(law_prompts, router_model.route(law_prompts)) if r.specialist == "law"]
-    load_before = os.getloadavg()
-    print(f"(1) overhead (load average {load_before[0]:.1f})", flush=True)
-    over = overhead(served.url, "law", "senmon-bench-law-v1", law_prompts, auto_prompts, levels)
-    load_after = os.getloadavg()
-    print("(3) swaps under load: in place, rollback in place, blue/green", flush=True)
-    swaps = {"in_place": swap_under_load(served.url, config, "law", ray.get(registry.promote.remote("law", 2, 0.01)),
-                                         clients=8),
-             "rollback_in_place": swap_under_load(served.url, config, "law",
-                                                  ray.get(registry.rollback.remote("law", 1)), clients=8)}
-    blue_green = config.model_copy(update={"serve": config.serve.model_copy(update={"in_place_swap": False})})
-    swaps["blue_green"] = swap_under_load(served.url, blue_green, "law", ray.get(registry.promote.remote("law", 3, 0.01)),
-                                          clients=8)
+        router_model = load_router(config.storage_root)
+        auto_prompts = [p for p, r in zip(law_prompts, router_model.route(law_prompts)) if r.specialist == "law"]
+        load_before = os.getloadavg()
+        print(f"(1) overhead (load average {load_before[0]:.1f})", flush=True)
+        deploy_bare_ingress(config.serve.app_name + "-bare", "law", "senmon-bench-law-v1")
+        over = overhead(served.url, "law", "senmon-bench-law-v1", law_prompts, auto_prompts, levels,
+                        router_app=config.serve.app_name)
+        serve.delete(config.serve.app_name + "-bare")
+        load_after = os.getloadavg()
+        results.update(model=shape, max_tokens=MAX_TOKENS, overhead=over,
+                       load_average_1m={"before_overhead": load_before[0], "after_overhead": load_after[0],
+                                        "cores": os.cpu_count()},
+                       auto_prompts_routed_to_law=f"{len(auto_prompts)}/{len(law_prompts)}")
+    if "swaps" in sections:
+        print("(3) swaps under load: in place, rollback in place, blue/green", flush=True)
+        swaps = {"in_place": swap_under_load(served.url, config, "law",
+                                             ray.get(registry.promote.remote("law", 2, 0.01)), clients=8),
+                 "rollback_in_place": swap_under_load(served.url, config, "law",
+                                                      ray.get(registry.rollback.remote("law", 1)), clients=8)}
+        blue_green = config.model_copy(update={"serve": config.serve.model_copy(update={"in_place_swap": False})})
+        swaps["blue_green"] = swap_under_load(served.url, blue_green, "law",
+                                              ray.get(registry.promote.remote("law", 3, 0.01)), clients=8)
+        results["swaps"] = swaps
     shutdown(config)
     ray.kill(registry)
 
-    print("\nServing overhead: the same engine, same prompts, max_tokens 64 (ignore_eos)")
-    direct = {r["concurrency"]: r for r in over if r["path"].startswith("engine")}
-    rows = [[r["path"], r["concurrency"], f"{r['tokens_per_s']:,.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
-             f"{r['tokens_per_s'] / direct[r['concurrency']]['tokens_per_s']:.2f}", r["failed"]] for r in over]
-    print(table(["path", "concurrency", "tokens/s", "p50 ms", "p99 ms", "ratio vs direct", "failed"], rows))
-    print("\nRouting accuracy per domain")
-    print(table(["domain", "test docs", "test documents", "test snippets (100 chars)", "unseen prompts"],
-                [[d, v["documents"], f"{v['test_documents']:.3f}", f"{v['test_snippets_100']:.3f}",
-                  f"{v['unseen_prompts']:.2f}"] for d, v in routed["per_domain"].items()]))
-    print(f"routing latency per prompt: p50 {routed['latency_ms']['p50']:.3f} ms, p99 {routed['latency_ms']['p99']:.3f} ms")
-    print("\nSwaps under load (8 clients): law v1 -> v2 in place, v2 -> v1 rolled back in place, v1 -> v3 blue/green")
-    rows = []
-    for kind, result in swaps.items():
-        for phase in ("before", "during", "after"):
-            r = result[phase]
-            rows.append([kind, f"{result['swap']['total_s']:.2f}", phase, r["requests"], r["failed"],
-                         f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
-                         f"{r['p99_ms'] / max(result['before']['p99_ms'], 1e-9):.2f}"])
-    print(table(["swap", "swap s", "phase", "requests", "failed", "p50 ms", "p99 ms", "p99 / before"], rows))
-    print(f"in place vs blue/green swap time: {swaps['in_place']['swap']['total_s']:.2f} s vs "
-          f"{swaps['blue_green']['swap']['total_s']:.1f} s "
-          f"(ratio {swaps['in_place']['swap']['total_s'] / swaps['blue_green']['swap']['total_s']:.3f})")
-    path = write_results("serving", {"model": shape, "max_tokens": MAX_TOKENS, "overhead": over,
-                                     "load_average_1m": {"before_overhead": load_before[0], "after_overhead": load_after[0],
-                                                         "cores": os.cpu_count()},
-                                     "auto_prompts_routed_to_law": f"{len(auto_prompts)}/{len(law_prompts)}",
-                                     "routing": routed,
-                                     "swaps": swaps, "deploy_timings": served.timings})
+    if "overhead" in sections:
+        print("\nServing overhead: the same engine, same prompts, max_tokens 64 (ignore_eos)")
+        print(overhead_table(results["overhead"]))
+    if "routing" in sections:
+        routed = results["routing"]
+        print("\nRouting accuracy per domain")
+        print(table(["domain", "test docs", "test documents", "test snippets (100 chars)", "unseen prompts"],
+                    [[d, v["documents"], f"{v['test_documents']:.3f}", f"{v['test_snippets_100']:.3f}",
+                      f"{v['unseen_prompts']:.2f}"] for d, v in routed["per_domain"].items()]))
+        print(f"routing latency per prompt: p50 {routed['latency_ms']['p50']:.3f} ms, "
+              f"p99 {routed['latency_ms']['p99']:.3f} ms")
+    if "swaps" in sections:
+        print("\nSwaps under load (8 clients): law v1 -> v2 in place, v2 -> v1 rolled back in place, v1 -> v3 blue/green")
+        rows = []
+        for kind, result in swaps.items():
+            for phase in ("before", "during", "after"):
+                r = result[phase]
+                rows.append([kind, f"{result['swap']['total_s']:.2f}", phase, r["requests"], r["failed"],
+                             f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
+                             f"{r['p99_ms'] / max(result['before']['p99_ms'], 1e-9):.2f}"])
+        print(table(["swap", "swap s", "phase", "requests", "failed", "p50 ms", "p99 ms", "p99 / before"], rows))
+        print(f"in place vs blue/green swap time: {swaps['in_place']['swap']['total_s']:.2f} s vs "
+              f"{swaps['blue_green']['swap']['total_s']:.1f} s "
+              f"(ratio {swaps['in_place']['swap']['total_s'] / swaps['blue_green']['swap']['total_s']:.3f})")
+    path = write_results("serving", merge_previous(results, sections))
     print(f"\nresults: {path}")
     try:
         serve.shutdown()
