@@ -181,9 +181,13 @@ def test_start_from_a_local_hugging_face_directory(trained, tmp_path):
 
 def test_cli_train_history_and_eval_on_unseen_file(tmp_path, embedded_config_data):
     """`senmon train`, `senmon history` and `senmon eval` as a user runs them (each starts its own Ray)."""
+    from test_serve import small_corpus
+
     config_path = tmp_path / "config.yaml"
     data = small_config_data(embedded_config_data, tmp_path / "storage")
     data["specialists"] = [s for s in data["specialists"] if s["name"] in ("law", "literature")]  # less to tokenize
+    # the commands, not the model: the first documents of each file, so the training from scratch is short
+    data["corpus_dir"] = str(small_corpus(tmp_path / "corpus", {"train": 80, "validation": 5, "test": 5}))
     config_path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
 
     def senmon(*args: str) -> subprocess.CompletedProcess:
