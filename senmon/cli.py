@@ -195,10 +195,10 @@ def _running(config: SenmonConfig) -> dict | None:
     import json
     import os
 
-    path = _state_path(config)
-    if not path.exists():
+    try:  # read, not exists() then read: `senmon up` removes the record as it stops, while `down` polls it
+        state = json.loads(_state_path(config).read_text())
+    except FileNotFoundError:
         return None
-    state = json.loads(path.read_text())
     try:
         os.kill(state["pid"], 0)
     except OSError:
