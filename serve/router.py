@@ -289,7 +289,10 @@ class Router:
         entry = self.entries.get(model)
         return entry["version"] if entry else None
 
-    def decide(self, requested: Any, text: str) -> Decision:
+    def decide(self, requested: Any, text: str, *, routed: Any = None, nll: tuple | None = None,
+               started: float | None = None) -> Decision:
+        """Where `requested` goes for `text`. `routed`, `nll` and `started`: what decide_async already computed (the
+        classifier's route, the second opinion's (nats/token, ms), when it began), so nothing is done twice."""
         if not isinstance(requested, str) or not requested:
             raise ApiError(400, "'model' is required: 'auto', a specialist's name or the generalist's",
                            param="model", code="missing_model")
@@ -298,14 +301,14 @@ class Router:
                 raise ApiError(404, f"the model '{requested}' does not exist; available: "
                                     f"{', '.join([AUTO, *self.models])}", param="model", code="model_not_found")
             return Decision(requested, self._version(requested), 1.0, 0.0, "named", requested, "named in the request")
-        started = time.perf_counter()
+        started = started or time.perf_counter()
         if self.routing is None or not text.strip():
             best, confidence = None, 0.0
         else:
-            route = self.routing.route([text])[0]
+            route = routed or self.routing.route([text])[0]
             best, confidence = route.specialist, route.confidence
         threshold = self.config.serve.confidence_threshold
-        second = self._second_opinion(text, best, confidence)
+        second = self._second_opinion(text, best, confidence, nll)
         elapsed = (time.perf_counter() - started) * 1000
         if best is None:
             chosen, route, reason = self.generalist, "fallback", "no routing model or no text"
@@ -330,17 +333,35 @@ class Router:
             chosen, route, reason = best, "auto", reason + "; no generalist serving, so the best specialist answers"
         return Decision(chosen, self._version(chosen), confidence, elapsed, route, best, reason, compared, second)
 
-    def _second_opinion(self, text: str, best: str | None, confidence: float) -> dict | None:
-        """The likelihood decision (serve/likelihood.py) when the classifier is unsure and the router holds the
-        serving models; None otherwise."""
+    async def decide_async(self, requested: Any, text: str) -> Decision:
+        """decide(), with the second opinion's forward pass (milliseconds of torch) in a worker thread when it
+        fires, so the event loop goes on serving other requests meanwhile."""
+        if requested != AUTO or self.routing is None or self.likelihood is None or not text.strip():
+            return self.decide(requested, text)
+        started = time.perf_counter()
+        routed = self.routing.route([text])[0]
+        names = self._second_opinion_names(routed.specialist, routed.confidence)
+        nll = await asyncio.to_thread(self.likelihood.timed_nll, text, names) if names else None
+        return self.decide(requested, text, routed=routed, nll=nll, started=started)
+
+    def _second_opinion_names(self, best: str | None, confidence: float) -> list[str] | None:
+        """The models the second opinion scores, when it fires: the classifier unsure, the router holding the
+        serving models' weights, a specialist among them; None otherwise."""
         serve_config = self.config.serve
         if (best is None or confidence >= serve_config.second_opinion_below or self.likelihood is None
                 or not self.likelihood.ready):
             return None
         names = [m for m in self.entries if m in self.likelihood.models]
-        if not any(m != self.generalist for m in names):
+        return names if any(m != self.generalist for m in names) else None
+
+    def _second_opinion(self, text: str, best: str | None, confidence: float, nll: tuple | None = None) -> dict | None:
+        """The likelihood decision (serve/likelihood.py) when the classifier is unsure and the router holds the
+        serving models; None otherwise. `nll`: the scores already computed (decide_async)."""
+        serve_config = self.config.serve
+        names = self._second_opinion_names(best, confidence)
+        if names is None:
             return None
-        nll, ms = self.likelihood.timed_nll(text, names)
+        nll, ms = nll if nll is not None else self.likelihood.timed_nll(text, names)
         decision = decide(nll, self.generalist, serve_config.likelihood_margin)
         return {"chosen": decision.chosen, "best": decision.best, "gain": decision.gain,
                 "margin": serve_config.likelihood_margin, "nll": dict(sorted(nll.items(), key=lambda kv: kv[1])),
@@ -365,8 +386,8 @@ class Router:
                 "fallback_version": fallback.get("version"), "fallback_val_ppl": fallback_ppl,
                 "beats_fallback": specialist_ppl < fallback_ppl}
 
-    def explain(self, text: str) -> dict:
-        decision = self.decide(AUTO, text)
+    def explain(self, text: str, decision: Decision | None = None) -> dict:
+        decision = decision or self.decide(AUTO, text)
         scores = self.routing.route([text])[0].scores if self.routing is not None and text.strip() else {}
         return {**asdict(decision), "threshold": self.config.serve.confidence_threshold,
                 "second_opinion_below": self.config.serve.second_opinion_below if self.likelihood else None,
@@ -375,7 +396,7 @@ class Router:
 
     # ----------------------------------------------------------------- generation
 
-    def _request(self, kind: str, body: Any):
+    async def _request(self, kind: str, body: Any):
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
         validate_body(kind, body)  # OpenAI's fields and bounds, with clear messages (serve/validation.py)
@@ -389,7 +410,7 @@ class Router:
             if client is None:
                 raise
             raise client from None
-        decision = self.decide(body.get("model"), prompt_text(kind, body))
+        decision = await self.decide_async(body.get("model"), prompt_text(kind, body))
         record_decision(decision)
         self.status_view.decided(decision)
         check_max_tokens(body, decision.specialist, self._max_model_len(decision.specialist))
@@ -463,7 +484,7 @@ class Router:
         returns (first item, rest of the stream, release callback, decision)."""
         decision = None
         try:
-            request, decision = self._request(kind, body)
+            request, decision = await self._request(kind, body)
             request = request.model_copy(update={"stream": stream})
             first, rest, release = await self._start(kind, request, decision)
         except Exception as error:
@@ -550,7 +571,7 @@ class Router:
             yield chunk
 
     async def route(self, text: str) -> dict:
-        return self.explain(text)
+        return self.explain(text, await self.decide_async(AUTO, text))
 
     async def list_models(self) -> list[dict]:
         def card(model: str, kind: str) -> dict:
@@ -620,7 +641,8 @@ class Router:
         self._check_api(request)
         body = await self._json(request)
         validate_body("route", body)
-        return self.explain(prompt_text("chat" if "messages" in body else "completions", body))
+        text = prompt_text("chat" if "messages" in body else "completions", body)
+        return self.explain(text, await self.decide_async(AUTO, text))
 
     @app.get("/health")
     async def http_health(self):

@@ -306,6 +306,25 @@ def test_the_likelihood_second_opinion_decides_only_when_the_classifier_is_unsur
     assert (none.specialist, none.route, none.best) == (router.generalist, "fallback", "code")
     assert m.fallback_kind(none.reason) == "likelihood"
 
+    # at the router, the forward pass runs in a worker thread while the event loop goes on; the same decision
+    import asyncio
+    import threading
+
+    class _Threaded(_Scorer):
+        def timed_nll(self, text, names):
+            self.thread = threading.current_thread()
+            return super().timed_nll(text, names)
+
+    router.likelihood = _Threaded({"law": 3.1, "code": 2.5, router.generalist: 2.9})
+    router.routing = _Routing("law", below - 0.01)
+    threaded = asyncio.run(router.decide_async("auto", "GNU General Public License"))
+    assert (threaded.specialist, threaded.second_opinion["nll"]) == ("code", unsure.second_opinion["nll"])
+    assert router.likelihood.thread is not threading.main_thread() and router.likelihood.calls == 1
+    assert threaded.routing_ms > 0 and threaded.reason == unsure.reason
+    router.routing = _Routing("law", below + 0.01)  # sure: no thread, no forward pass
+    assert asyncio.run(router.decide_async("auto", "GPL")).second_opinion is None and router.likelihood.calls == 1
+    router.likelihood = _Scorer({"law": 3.0, "code": 2.95, router.generalist: 2.9})
+
     router.likelihood.ready = False  # weights not loaded yet: the confidence threshold decides, as before
     assert router.decide("auto", "GNU General Public License").second_opinion is None
 
