@@ -13,8 +13,14 @@
     promoted in place (weights reloaded in the running engine, verified), rolled back in place,
     and promoted blue/green (a new engine started beside the old, the cold-start path); for each,
     the swap's duration, requests sent and failed, and p50/p99 latency before / during / after.
-Usage: python -m bench.serving [--concurrency 1,8,32] [--only overhead[,routing,swaps]]
+Usage: python -m bench.serving [--concurrency 1,8,32] [--only overhead[,routing,swaps]] [--label NAME]
        (or python -m bench serving --only overhead)
+       --label NAME writes bench/results/serving_NAME.json (dashes as underscores) instead of serving.json, for a run
+       under other settings, e.g. Ray Serve's throughput-optimised mode:
+       RAY_SERVE_THROUGHPUT_OPTIMIZED=1 python -m bench serving --only overhead --label throughput-mode
+       (set it before the bench starts: its own local Ray passes the driver's environment to every Ray process). With
+       Serve's direct ingress on (that mode's default), each ingress replica serves HTTP on a port of its own and the
+       HTTP paths are driven there, not through Serve's proxy (`--http-via proxy` keeps the proxy).
 """
 
 from __future__ import annotations
@@ -230,10 +236,67 @@ def deploy_bare_ingress(name: str, model: str, engine_app: str) -> None:
     serve.run(Bare.bind(), name=name, route_prefix=BARE_ROUTE)
 
 
+def serve_mode() -> dict:
+    """The Serve settings this driver's Ray runs with (the driver's environment, which its local Ray passes on)."""
+    from ray.serve._private import constants as c
+
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": c.RAY_SERVE_THROUGHPUT_OPTIMIZED,
+            "direct_ingress": c.RAY_SERVE_ENABLE_DIRECT_INGRESS, "grpc_between_deployments": c.RAY_SERVE_USE_GRPC_BY_DEFAULT,
+            "user_code_in_separate_thread": c.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD,
+            "router_in_separate_loop": c.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP,
+            "freeze_gc_on_startup": c.RAY_SERVE_FREEZE_GC_ON_STARTUP,
+            "request_path_log_buffer_size": c.RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE}
+
+
+def replica_url(app_name: str, proxy_url: str, timeout_s: float = 60) -> str:
+    """With Serve's direct ingress: `http://127.0.0.1:PORT/prefix` of the app's ingress replica's own HTTP server
+    (one replica here), from the controller's target groups; `proxy_url` when Serve reports only its proxy."""
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    prefix = client.get_serve_details()["applications"][app_name]["route_prefix"] or ""
+    proxy_port = int(proxy_url.rsplit(":", 1)[1].split("/")[0])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = ray.get(client._controller.get_target_groups.remote(app_name))
+        ports = [t.port for g in groups if g.protocol == RequestProtocol.HTTP for t in g.targets]
+        ports = [p for p in ports if p != proxy_port]
+        if ports or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if not ports:
+        return proxy_url.rstrip("/") + prefix.rstrip("/")
+    return f"http://127.0.0.1:{ports[0]}{prefix.rstrip('/')}"
+
+
+def front_door_check(urls: dict[str, str], model: str) -> dict:
+    """The router's answers through each front door (e.g. Serve's proxy and the replica's own port): status codes
+    with and without a key and for an unknown model, the response's header names and whether the `senmon` field
+    is there. Whether the router works unchanged behind a different ingress."""
+    body = {"model": model, "prompt": "The licence", "max_tokens": 4, "temperature": 0}
+    checks = {}
+    with httpx.Client(timeout=120) as http:
+        for door, url in urls.items():
+            key = {"Authorization": f"Bearer {API_KEY}"}
+            ok = http.post(url + "/v1/completions", json=body, headers=key)
+            no_key = http.post(url + "/v1/completions", json=body)
+            bad_key = http.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+            unknown = http.post(url + "/v1/completions", json=dict(body, model="no-such-model"), headers=key)
+            health = http.get(url + "/health")
+            checks[door] = {"url": url, "ok_status": ok.status_code, "senmon_field": "senmon" in ok.json(),
+                            "headers": sorted(k for k in ok.headers.keys() if k not in ("date", "content-length")),
+                            "no_key_status": no_key.status_code, "bad_key_status": bad_key.status_code,
+                            "unknown_model_status": unknown.status_code, "unknown_model_body": unknown.json(),
+                            "health_status": health.status_code}
+    return checks
+
+
 def overhead(url: str, model: str, app: str, prompts: list[str], auto_prompts: list[str],
-             levels: list[int], bare: bool = True, router_app: str = "senmon-bench") -> list[dict]:
+             levels: list[int], bare: bool = True, router_app: str = "senmon-bench", bare_url: str | None = None) -> list[dict]:
     """Tokens/s per path and concurrency. `bare`: also the engine behind a bare Serve HTTP ingress (the second
-    baseline; see `deploy_bare_ingress`, which must have been deployed)."""
+    baseline; see `deploy_bare_ingress`, which must have been deployed), at `bare_url` (default: `url` + its
+    route prefix, through Serve's proxy)."""
     from ray import serve
     from ray.serve.llm.openai_api_models import CompletionRequest
 
@@ -252,9 +315,9 @@ def overhead(url: str, model: str, app: str, prompts: list[str], auto_prompts: l
         rows = []
         async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {API_KEY}"},
                                      limits=httpx.Limits(max_connections=256)) as http:
-            def via_router(name: str, prefix: str = ""):
+            def via_router(name: str, prefix: str = url):
                 async def call(prompt: str) -> int:
-                    r = await http.post(url + prefix + "/v1/completions", json={
+                    r = await http.post(prefix + "/v1/completions", json={
                         "model": name, "prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0})
                     r.raise_for_status()
                     return r.json()["usage"]["completion_tokens"]
@@ -263,14 +326,14 @@ def overhead(url: str, model: str, app: str, prompts: list[str], auto_prompts: l
             await drive(direct, prompts[:8], 4)  # warm both paths
             await drive(via_router(model), prompts[:8], 4)
             if bare:
-                await drive(via_router(model, BARE_ROUTE), prompts[:8], 4)
+                await drive(via_router(model, bare_url or url + BARE_ROUTE), prompts[:8], 4)
             for level in levels:
                 count = max(4 * level, 32)
                 batch = (prompts * (count // len(prompts) + 1))[:count]
                 auto_batch = (auto_prompts * (count // len(auto_prompts) + 1))[:count]
                 paths = [(DIRECT, direct, batch)]
                 if bare:
-                    paths.append((BARE, via_router(model, BARE_ROUTE), batch))
+                    paths.append((BARE, via_router(model, bare_url or url + BARE_ROUTE), batch))
                 paths += [("router, HTTP, named", via_router(model), batch),
                           ("router, HTTP, auto", via_router("auto"), auto_batch)]
                 baseline, bare_tps = None, None
@@ -371,13 +434,14 @@ def swap_under_load(url: str, config, model: str, record: dict, clients: int, qu
 
 SECTIONS = ["overhead", "routing", "swaps"]
 # the results keys each section writes; a run of some sections keeps the others' last results
-SECTION_KEYS = {"overhead": ("model", "max_tokens", "overhead", "load_average_1m", "auto_prompts_routed_to_law"),
+SECTION_KEYS = {"overhead": ("model", "max_tokens", "overhead", "load_average_1m", "auto_prompts_routed_to_law",
+                             "serve_mode"),
                 "routing": ("routing",), "swaps": ("swaps",)}
 
 
-def merge_previous(results: dict, sections: list[str]) -> dict:
+def merge_previous(results: dict, sections: list[str], name: str = "serving") -> dict:
     """This run's results, plus the last results file's keys of the sections not run now (each with its date)."""
-    previous_path = RESULTS / "serving.json"
+    previous_path = RESULTS / f"{name}.json"
     if set(sections) == set(SECTIONS) or not previous_path.exists():
         return results
     previous = json.loads(previous_path.read_text(encoding="utf-8"))
@@ -421,7 +485,14 @@ def main() -> None:
     parser.add_argument("--only", default=None,
                         help="comma-separated sections to run: overhead, routing, swaps (default: all); results of "
                              "sections not run are kept from the last results file")
+    parser.add_argument("--label", default=None,
+                        help="name of this run's settings (e.g. throughput-mode): results go to "
+                             "bench/results/serving_LABEL.json instead of serving.json")
+    parser.add_argument("--http-via", choices=["auto", "proxy", "replica"], default="auto",
+                        help="where the HTTP paths send requests: Serve's proxy (the configured port), or the ingress "
+                             "replica's own port (direct ingress only); auto: the replica's when direct ingress is on")
     args = parser.parse_args()
+    results_name = "serving" if not args.label else "serving_" + args.label.replace("-", "_")
     levels = [int(x) for x in args.concurrency.split(",")]
     sections = SECTIONS if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -477,14 +548,30 @@ def main() -> None:
         load_before = os.getloadavg()
         print(f"(1) overhead (load average {load_before[0]:.1f})", flush=True)
         deploy_bare_ingress(config.serve.app_name + "-bare", "law", "senmon-bench-law-v1")
-        over = overhead(served.url, "law", "senmon-bench-law-v1", law_prompts, auto_prompts, levels,
-                        router_app=config.serve.app_name)
+        mode = serve_mode()
+        router_url, bare_url = served.url, served.url + BARE_ROUTE
+        if args.http_via == "replica" or (args.http_via == "auto" and mode["direct_ingress"]):
+            router_url = replica_url(config.serve.app_name, served.url)
+            bare_url = replica_url(config.serve.app_name + "-bare", served.url)
+        mode.update(label=args.label, http_via=args.http_via, router_url=router_url, bare_url=bare_url,
+                    proxy_url=served.url)
+        print(f"serve mode: {mode}", flush=True)
+        doors = {"proxy": served.url}
+        if router_url != served.url:
+            doors["replica"] = router_url
+        try:
+            mode["front_door_check"] = front_door_check(doors, "law")
+        except Exception as error:  # noqa: BLE001 - a failed check is a result, the section goes on
+            mode["front_door_check"] = {"error": repr(error)}
+        print(f"front door check: {json.dumps(mode['front_door_check'], ensure_ascii=False)}", flush=True)
+        over = overhead(router_url, "law", "senmon-bench-law-v1", law_prompts, auto_prompts, levels,
+                        router_app=config.serve.app_name, bare_url=bare_url)
         serve.delete(config.serve.app_name + "-bare")
         load_after = os.getloadavg()
         results.update(model=shape, max_tokens=MAX_TOKENS, overhead=over,
                        load_average_1m={"before_overhead": load_before[0], "after_overhead": load_after[0],
                                         "cores": os.cpu_count()},
-                       auto_prompts_routed_to_law=f"{len(auto_prompts)}/{len(law_prompts)}")
+                       auto_prompts_routed_to_law=f"{len(auto_prompts)}/{len(law_prompts)}", serve_mode=mode)
     if "swaps" in sections:
         print("(3) swaps under load: in place, rollback in place, blue/green", flush=True)
         swaps = {"in_place": swap_under_load(served.url, config, "law",
@@ -522,7 +609,7 @@ def main() -> None:
         print(f"in place vs blue/green swap time: {swaps['in_place']['swap']['total_s']:.2f} s vs "
               f"{swaps['blue_green']['swap']['total_s']:.1f} s "
               f"(ratio {swaps['in_place']['swap']['total_s'] / swaps['blue_green']['swap']['total_s']:.3f})")
-    path = write_results("serving", merge_previous(results, sections))
+    path = write_results(results_name, merge_previous(results, sections, results_name))
     print(f"\nresults: {path}")
     try:
         serve.shutdown()
