@@ -314,6 +314,10 @@ class TrainingConfig(_Strict):
         2, ge=1, description="First versions trained at once when the system starts (nothing is served yet; each "
                              "job's worker uses cpus_per_worker threads). Later retraining: scheduler.max_concurrent_jobs.")
     promotion_margin: float = Field(0.01, ge=0, description="Relative validation-perplexity gain needed to promote.")
+    tokenize_in_job_below_mb: float = Field(
+        64.0, ge=0, description="A training split whose shards are smaller than this is tokenized inside the training "
+                                "job and handed to Ray Train as a Ray dataset; a larger one by Ray Data across the "
+                                "cluster (train/data.py). 0: always Ray Data.")
 
 
 class ServeConfig(_Strict):
@@ -383,7 +387,7 @@ class SchedulerConfig(_Strict):
 
 
 ROUTER_REPLICA_CPUS = 0.5
-TRAINING_DATA_CPUS = 2  # a job's Ray Data stage: the tokenizing actor plus one read task
+TRAINING_DATA_CPUS = 2  # a job's Ray Data stage on a large split: a read task and a packing task at once
 
 
 def logical_cpus_needed(config: "SenmonConfig") -> dict[str, float]:

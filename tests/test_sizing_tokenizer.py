@@ -103,3 +103,18 @@ def test_tokenizer_compresses_japanese(corpus_tokenizer):
 def test_document_stream_ends_each_document(corpus_tokenizer):
     stream = encode_documents(corpus_tokenizer, ["one", "two"])
     assert stream.count(corpus_tokenizer.eos_token_id) == 2 and stream[-1] == corpus_tokenizer.eos_token_id
+
+
+def test_bare_tokenizer_packs_the_same_ids_as_the_wrapped_one(corpus_tokenizer):
+    """Ray Data packs training tokens with `tokenizers` alone (train/data.py); the stream must be the one the
+    wrapped tokenizer (evaluation, the fast retrain, vLLM) makes of the same documents, padding and all."""
+    from senmon.train.data import pack_tokens
+    from senmon.train.tokenizer import bare_tokenizer
+
+    texts = [d["text"] for d in read_jsonl(REPO / "data" / "corpus" / "validation" / "japanese.jsonl")][:20]
+    texts += ["<|endoftext|> in a text", "", "tabs\tand  double  spaces\n"]
+    tokenizer_json = corpus_tokenizer.backend_tokenizer.to_str()
+    wrapped = encode_documents(corpus_tokenizer, texts)
+    assert encode_documents(bare_tokenizer(tokenizer_json), texts) == wrapped
+    packed = pack_tokens({"text": texts}, tokenizer_json, seq_len=16)["tokens"]
+    assert packed.shape == (len(wrapped) // 16, 16) and packed.ravel().tolist() == wrapped[:packed.size]

@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import yaml
@@ -60,6 +61,29 @@ def test_the_seed_takes_its_share_of_the_budget_and_is_sized_for_itself_and_a_br
     assert sizing["training_tokens"] == seed["data"]["tokens_seen"] == plan["seed_steps"] * 8 * config.training.seq_len
     assert sizing["target_params"] == int(plan["lifetime_tokens"] / 20)  # the rule, for the seed and one branch
     assert sizing["train_flops"] == pytest.approx(6 * sizing["total_params"] * sizing["training_tokens"])
+
+
+def test_small_splits_pack_in_the_job_as_ray_data_packs_them(trained):
+    """The training jobs above packed their tokens in-job (the shipped corpus is under
+    `tokenize_in_job_below_mb`); Ray Data, the path for large splits, packs the same documents the same way,
+    up to where its batches of documents end (each batch drops its last partial block)."""
+    from senmon.train.data import split_bytes, token_blocks
+    from senmon.train.job import tokenizer_json
+
+    config = trained[0]
+    store, tok = DatasetStore(config.storage_root), tokenizer_json(config)
+    domains, seq_len = ["law", "japanese"], config.training.seq_len
+    assert 0 < split_bytes(store, domains, "train") < config.training.tokenize_in_job_below_mb * 2**20
+    in_job = token_blocks(store, domains, "train", tok, seq_len, in_job_below_mb=config.training.tokenize_in_job_below_mb)
+    by_ray_data = token_blocks(store, domains, "train", tok, seq_len, in_job_below_mb=0)
+    assert in_job.schema().names == by_ray_data.schema().names == ["tokens"]
+    blocks = {name: np.concatenate([b["tokens"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+              for name, ds in (("in job", in_job), ("ray data", by_ray_data))}
+    assert blocks["in job"].shape[1] == blocks["ray data"].shape[1] == seq_len
+    n_in_job, n_ray = len(blocks["in job"]), len(blocks["ray data"])
+    assert n_in_job == in_job.count() > 100 and abs(n_in_job - n_ray) <= 0.02 * n_in_job, (n_in_job, n_ray)
+    counts = [np.bincount(b.ravel(), minlength=2048)[:2048] for b in blocks.values()]
+    assert np.abs(counts[0] - counts[1]).sum() <= 0.02 * counts[0].sum()  # the same tokens, but for the cut ends
 
 
 def test_a_specialist_branches_from_the_seed_and_beats_it_on_its_own_domain(trained):

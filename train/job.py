@@ -186,7 +186,8 @@ def train_model(config: SenmonConfig, name: str, start: Start | None = None,
     timings["tokenizer_s"] = time.monotonic() - t0
 
     t0 = time.monotonic()
-    blocks = token_blocks(store, target.domains, "train", tok_json, training.seq_len)
+    blocks = token_blocks(store, target.domains, "train", tok_json, training.seq_len,
+                          training.tokenize_in_job_below_mb)
     n_blocks = blocks.count()
     unique_tokens = n_blocks * training.seq_len
     timings["data_s"] = time.monotonic() - t0

@@ -10,10 +10,12 @@ load it unchanged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers is imported where a wrapped tokenizer is made: packing tokens needs only `tokenizers`
+    from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -38,6 +40,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def wrap(core: Tokenizer) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=EOS,
@@ -56,14 +60,28 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) ->
 
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast.from_pretrained(str(directory))
 
 
-def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[int]:
-    """One token stream: each document followed by the end-of-text token."""
-    eos = tokenizer.eos_token_id
+def encode_documents(tokenizer: PreTrainedTokenizerFast | Tokenizer, texts: list[str]) -> list[int]:
+    """One token stream: each document followed by the end-of-text token. `tokenizer` is a wrapped
+    one or the bare `tokenizers.Tokenizer` (`bare_tokenizer`): the same ids either way."""
+    if isinstance(tokenizer, Tokenizer):
+        eos, encoded = tokenizer.token_to_id(EOS), [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    else:
+        eos, encoded = tokenizer.eos_token_id, tokenizer(texts, add_special_tokens=False)["input_ids"]
     stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for ids in encoded:
         stream.extend(ids)
         stream.append(eos)
     return stream
+
+
+def bare_tokenizer(tokenizer_json: str) -> Tokenizer:
+    """The tokenizer without transformers around it, set as the wrapped one encodes: no padding, no truncation."""
+    core = Tokenizer.from_str(tokenizer_json)
+    core.no_padding()
+    core.no_truncation()
+    return core
