@@ -45,7 +45,8 @@ def decayed_generalist(config, models_root: str, seed_path: str, steps: int, dir
 
     from senmon.ingest.store import DatasetStore
     from senmon.train.branch import branch_schedule
-    from senmon.train.fast import mixed_batches, pack
+    from senmon.train.data import pack
+    from senmon.train.fast import mixed_batches
     from senmon.train.loop import train_steps
     from senmon.train.tokenizer import load_tokenizer
 

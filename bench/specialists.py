@@ -61,14 +61,6 @@ def read_split(corpus: Path, split: str, domain: str, max_chars: int | None = No
     return texts
 
 
-def pack(tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
-    from senmon.train.tokenizer import encode_documents
-
-    stream = np.asarray(encode_documents(tokenizer, texts), dtype=np.int64)
-    usable = (len(stream) // seq_len) * seq_len
-    return stream[:usable].reshape(-1, seq_len)
-
-
 # --------------------------------------------------------------------------- one training run (in a worker process)
 
 
@@ -391,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from senmon.train.sizing import choose_size, shape_for_hidden
     from senmon.train.routing import RoutingModel
+    from senmon.train.data import pack
     from senmon.train.tokenizer import train_tokenizer
     from dataclasses import asdict
 

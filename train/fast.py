@@ -36,14 +36,7 @@ from senmon.config import SenmonConfig
 from senmon.ingest.store import DatasetStore
 from senmon.storage import filesystem
 
-
-def pack(tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
-    """Texts -> [blocks, seq_len] token ids, documents joined by EOS (as the full path packs them)."""
-    from .tokenizer import encode_documents
-
-    stream = np.asarray(encode_documents(tokenizer, texts) if texts else [], dtype=np.int64)
-    usable = (len(stream) // seq_len) * seq_len
-    return stream[:usable].reshape(-1, seq_len)
+from .data import pack
 
 
 def mixed_batches(new: np.ndarray, old: np.ndarray, batch_size: int, replay_share: float, seed: int):
