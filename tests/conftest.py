@@ -47,6 +47,8 @@ def ray_local():
     """A local Ray instance for the session (logical CPUs above the 2 cores, as the embedded config)."""
     import ray
 
+    if ray.is_initialized():  # a test before this one touched Ray and it started itself, with defaults
+        ray.shutdown()
     ray.init(num_cpus=8, include_dashboard=False, namespace="senmon-test", log_to_driver=False)
     yield ray
     ray.shutdown()
