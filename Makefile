@@ -10,7 +10,7 @@ demo: setup
 test: setup
 	bash scripts/chromium.sh
 	bash scripts/ssh_host.sh
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadgroup
 
 bench: setup
 	.venv/bin/python -m bench

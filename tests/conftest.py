@@ -11,6 +11,16 @@ import yaml
 from senmon.config import DEFAULT_CONFIG, SenmonConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
+# `make test` runs pytest with two xdist workers and `--dist loadgroup`: one runs the `ray up` test,
+# which works as another user on a Ray of its own, the other runs every other test in file order.
+# Alone, the early files (brokers, CLI, clean-up) leave the two cores 35-60% idle, and the `ray up`
+# test (training, two engine starts, SSH) fills them; run without -n, the groups change nothing.
+SEPARATE_GROUPS = {"test_ray_up.py": "ray-up"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SEPARATE_GROUPS.get(item.path.name, "suite")))
 
 
 @pytest.fixture(scope="session")
