@@ -29,6 +29,8 @@ import time
 import uuid
 from typing import Any, AsyncGenerator
 
+from ray.llm._internal.common.callbacks.base import CallbackBase
+from ray.llm._internal.common.utils.cloud_utils import is_remote_path
 from ray.serve.llm import LLMServer
 
 from senmon.train.reference import compare
@@ -80,6 +82,25 @@ def one_process_worker() -> None:
 
     VLLMEngineConfig.get_initialization_kwargs = initialization_kwargs
     VLLMEngineConfig._senmon_uni = True
+
+
+def needs_node_download(model_source: Any) -> bool:
+    """Whether Ray Serve LLM's per-node download task has anything to do for this model source: only a
+    cloud path (s3://, gs://, ...) is fetched; for a local checkpoint the task returns the path unchanged."""
+    return not isinstance(model_source, str) or is_remote_path(model_source)
+
+
+class LocalCheckpoints(CallbackBase):
+    """Ray Serve LLM callback (`LLMConfig.callback_config`) that skips the node initialisation for local
+    checkpoints. Before each engine start, LLMServer runs a Ray task on every node of the engine's placement
+    group to download the model; with a local path that task only hands the path back, yet it is a new worker
+    process (with the engine's runtime environment) that imports torch, transformers and Ray Serve LLM first.
+    senmon's checkpoints are directories under the storage root, so every engine start and blue/green swap
+    paid for one such process. Cloud paths still get the download."""
+
+    async def on_before_node_init(self) -> None:
+        if not needs_node_download(self.llm_config.model_loading_config.model_source):
+            self.ctx.run_init_node = False
 
 
 class SenmonLLMServer(LLMServer):

@@ -79,6 +79,8 @@ def llm_config(config: SenmonConfig, model: str, version: int, path: str):
         engine_kwargs=engine_kwargs,
         placement_group_config={"bundles": bundles},
         runtime_env={"env_vars": env} if env else None,
+        # no per-node download task for a local checkpoint (serve/engine.py, LocalCheckpoints)
+        callback_config={"callback_class": "senmon.serve.engine.LocalCheckpoints"},
         deployment_config={
             "autoscaling_config": {"min_replicas": serving.min_replicas, "max_replicas": serving.max_replicas,
                                    "initial_replicas": max(1, serving.min_replicas)},

@@ -368,6 +368,20 @@ def test_keys_never_in_responses_or_ray_logs(served):
     assert not found, f"keys in the Ray session's files: {found}"
 
 
+def test_local_checkpoints_start_without_a_node_download_task(served):
+    """Every engine replica of the fixture started from a local checkpoint without Ray Serve LLM's per-node
+    download task (a worker process importing torch and transformers to hand the path back); a cloud path
+    would still get it."""
+    from senmon.serve.engine import needs_node_download
+
+    assert not needs_node_download("/srv/senmon/checkpoints/law/run-1") and needs_node_download("s3://bucket/law")
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    replicas = {path.name: path.read_text(errors="replace") for path in logs.glob("replica_stest-*engine*.log")}
+    assert {"law", "japanese", "generalist"} <= {name.split("-")[1] for name in replicas}, sorted(replicas)
+    assert all("Started initializing replica" in text for text in replicas.values()), sorted(replicas)
+    assert not [name for name, text in replicas.items() if "download model files" in text], sorted(replicas)
+
+
 def test_bind_host_without_keys_is_loopback(caplog):
     from senmon.config import HttpConfig
     from senmon.serve.auth import Keys, bind_host
