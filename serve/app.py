@@ -9,8 +9,9 @@
 `deploy(config, registry)` starts Serve's HTTP proxy on `http.host:http.port` (127.0.0.1 only
 when no API key is configured), trains the routing model if the storage root has none, starts
 one application per model (each specialist and the generalist) that has a serving version in
-the registry, all at once, warms each with a real request, points the serving table at them,
-and deploys the router as the application `serve.app_name` on route `/`. Calling it again
+the registry, all at once, with the router beside them as the application `serve.app_name` on
+route `/`; then it warms each engine with a real request, points the serving table at them, and
+returns once the router's replicas have read that table. Calling it again
 brings changed models up to date through live swaps (serve/swap.py) and leaves the rest.
 
 `build_serve_config(config, config_path)` returns the same applications as a Serve config
@@ -165,6 +166,20 @@ def start_serve(http_options: dict, *, attempts: int = SERVE_START_ATTEMPTS, sta
             sleep(pause_s * attempt)
 
 
+def routers_caught_up(table, replicas: int, timeout_s: float = 60.0) -> None:
+    """Wait until `replicas` router replicas report the serving table's current epoch (they poll it every
+    0.2 s); a router started beside the engines may have read the table before the last `switch`."""
+    epoch, _ = ray.get(table.get.remote())
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = ray.get(table.drained.remote(epoch, ""))
+        if state["done"] and state["routers"] >= replicas:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"router replicas not at the serving table's epoch {epoch} after {timeout_s:.0f} s: {state}")
+        time.sleep(0.1)
+
+
 def deploy(config: SenmonConfig, registry, *, timeout_s: float = 900.0) -> Served:
     """Deploy the router and every model with a serving version; returns URL and handle.
 
@@ -189,6 +204,14 @@ def deploy(config: SenmonConfig, registry, *, timeout_s: float = 900.0) -> Serve
 
     fresh = {m: r for m, r in records.items() if m not in entries}
     names = {m: start_version(config, m, r) for m, r in fresh.items()}
+    # the router starts beside the engines (its replica's start is 10-20 s of imports); until the table names an
+    # engine it answers that model's requests with 503 and Retry-After, and nobody has the URL before we return
+    api_keys, admin_keys = config.http.resolved_keys()  # resolved here: replicas may not see this environment
+    resolved = config.model_copy(update={"http": config.http.model_copy(update={
+        "api_keys": api_keys, "admin_keys": admin_keys, "api_keys_env": None, "admin_keys_env": None})})
+    serve.run_many([serve.RunTarget(router_app(resolved, registry, table), name=config.serve.app_name,
+                                    route_prefix="/")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     wait_running(list(names.values()), timeout_s)
     timings["engines_up_s"] = time.monotonic() - started
     for model, name in names.items():
@@ -197,11 +220,9 @@ def deploy(config: SenmonConfig, registry, *, timeout_s: float = 900.0) -> Serve
     timings["engines_warm_s"] = time.monotonic() - started
     if len(fresh) < len(records):  # a second deploy: swap what changed since
         sync_with_registry(config, registry, table)
-
-    api_keys, admin_keys = config.http.resolved_keys()  # resolved here: replicas may not see this environment
-    resolved = config.model_copy(update={"http": config.http.model_copy(update={
-        "api_keys": api_keys, "admin_keys": admin_keys, "api_keys_env": None, "admin_keys_env": None})})
-    handle = serve.run(router_app(resolved, registry, table), name=config.serve.app_name, route_prefix="/")
+    wait_running([config.serve.app_name], max(timeout_s - (time.monotonic() - started), 60.0))
+    routers_caught_up(table, config.serve.router_replicas)
+    handle = serve.get_app_handle(config.serve.app_name)
     timings["total_s"] = time.monotonic() - started
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{config.http.port}"
     open_note = "" if api_keys else " (no API keys: open, loopback only)"

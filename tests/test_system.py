@@ -93,9 +93,14 @@ def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_
     from senmon.ingest.store import DatasetStore
 
     monkeypatch.setenv("SENMON_PROGRESS", "1")  # the bars a terminal would show, drawn into captured stderr
+    wanted = set(NOT_SCRAPED) - {"ray_senmon_rollbacks_total"}
+    at_rest = {"ray_senmon_ingest_lag", "ray_senmon_ingest_new_documents"}
     with MetricsWatch(e2e_config) as watch:
         report = demo.run(e2e_config, stream_domain="japanese", timeout_s=600)
-        time.sleep(12)  # a last report from the processes that are still there
+        deadline = time.monotonic() + 15  # a last report from the processes that are still there, if one is missing
+        while time.monotonic() < deadline and not (
+                wanted <= set(watch.largest) and all(watch.largest[n] > 0 for n in wanted - at_rest)):
+            time.sleep(0.5)
     stderr = capsys.readouterr().err
 
     streamed = demo.held_back(e2e_config.corpus_dir, "japanese")
@@ -129,16 +134,17 @@ def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_
     # every dashboard series the serving test cannot make (swaps, training runs, ingest) had a sample while the
     # demo ran, and a non-zero one where the demo did that work; rollbacks are the serving test's
     assert watch.dead_letter_sent and report["ingest"]["dead_letters"] == 1, report["ingest"]
-    wanted = set(NOT_SCRAPED) - {"ray_senmon_rollbacks_total"}
     assert wanted <= set(watch.largest), (sorted(wanted - set(watch.largest)), watch.scrapes)
     # gauges that are 0 at rest: lag once ingest caught up, new documents once the retrain reset the count (it
     # was above 0 only for the seconds between the stream and the retrain, maybe between two reports)
-    at_rest = {"ray_senmon_ingest_lag", "ray_senmon_ingest_new_documents"}
     zero = sorted(n for n in wanted - at_rest if watch.largest[n] <= 0)
     assert not zero, (zero, watch.largest)
     # everything the demo started is gone again; the test's own Ray keeps running
     assert ray.is_initialized()
-    assert not [a for a in ray.util.list_named_actors() if a.startswith("senmon-")]
+    deadline = time.monotonic() + 12
+    while (left := [a for a in ray.util.list_named_actors() if a.startswith("senmon-")]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, left
 
 
 def test_freshness_splits_into_phases_that_add_up():
