@@ -14,13 +14,30 @@ REPO = Path(__file__).resolve().parents[1]
 # `make test` runs pytest with two xdist workers and `--dist loadgroup`: one runs the `ray up` test,
 # which works as another user on a Ray of its own, the other runs every other test in file order.
 # Alone, the early files (brokers, CLI, clean-up) leave the two cores 35-60% idle, and the `ray up`
-# test (training, two engine starts, SSH) fills them; run without -n, the groups change nothing.
+# test (training, two engine starts, SSH) fills them. (xdist's own `xdist_group` marks do not group
+# under pytest 9, which derives node ids from a structure xdist does not change, so the groups are
+# made here, by xdist's scheduler hook.)
 SEPARATE_GROUPS = {"test_ray_up.py": "ray-up"}
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SEPARATE_GROUPS.get(item.path.name, "suite")))
+def test_group(nodeid: str) -> str:
+    """The xdist group of a test: its file's entry in SEPARATE_GROUPS, else "suite"."""
+    return SEPARATE_GROUPS.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], "suite")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None  # xdist's own scheduling for other modes
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoGroups(LoadScopeScheduling):
+        """xdist's scope scheduling with test_group as the scope: each group goes to one worker, in file order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid)
+
+    return TwoGroups(config, log)
 
 
 @pytest.fixture(scope="session")
