@@ -11,16 +11,17 @@ import yaml
 from senmon.config import DEFAULT_CONFIG, SenmonConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
-# `make test` runs pytest with two xdist workers and `--dist loadgroup`: one runs the `ray up` test,
-# which works as another user on a Ray of its own, the other runs every other test in file order.
-# Alone, the early files (brokers, CLI, clean-up) leave the two cores 35-60% idle, and the `ray up`
-# test (training, two engine starts, SSH) fills them. (xdist's own `xdist_group` marks do not group
-# under pytest 9, which derives node ids from a structure xdist does not change, so the groups are
-# made here, by xdist's scheduler hook.)
-SEPARATE_GROUPS = {"test_ray_up.py": "ray-up"}
+# `make test` runs pytest with two xdist workers and `--dist loadgroup`: one runs the `ray up` test
+# (as another user, on a Ray of its own) and then the training tests (on a second local Ray, as
+# `senmon up` in the CLI tests already runs beside the suite's), the other every other test, each
+# group in file order. Alone, the early files (brokers, CLI, clean-up) leave the two cores 35-60%
+# idle, and the `ray up` test (training, two engine starts, SSH) fills them. (xdist's own
+# `xdist_group` marks do not group under pytest 9, which derives node ids from a structure xdist
+# does not change, so the groups are made here, by xdist's scheduler hook.)
+SEPARATE_GROUPS = {"test_ray_up.py": "beside", "test_train.py": "beside"}
 
 
-def test_group(nodeid: str) -> str:
+def xdist_group_of(nodeid: str) -> str:
     """The xdist group of a test: its file's entry in SEPARATE_GROUPS, else "suite"."""
     return SEPARATE_GROUPS.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], "suite")
 
@@ -32,10 +33,10 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class TwoGroups(LoadScopeScheduling):
-        """xdist's scope scheduling with test_group as the scope: each group goes to one worker, in file order."""
+        """xdist's scope scheduling with xdist_group_of as the scope: each group goes to one worker, in file order."""
 
         def _split_scope(self, nodeid: str) -> str:
-            return test_group(nodeid)
+            return xdist_group_of(nodeid)
 
     return TwoGroups(config, log)
 
