@@ -335,7 +335,7 @@ class ServeConfig(_Strict):
         0.7, ge=0, le=1.01, description="Routing-model confidence below which the likelihood second opinion decides "
                                      "(chosen on validation text by bench/routing.py).")
     likelihood_margin: float = Field(
-        0.1, description="Nats per token by which the best specialist must explain a prompt better than the "
+        0.05, description="Nats per token by which the best specialist must explain a prompt better than the "
                          "generalist to answer it (chosen on validation text by bench/routing.py).")
     likelihood_tokens: int = Field(
         32, ge=8, le=4096, description="Prompt tokens the second opinion scores (its cost grows with them; "
@@ -411,6 +411,10 @@ class SenmonConfig(_Strict):
     name: str = "senmon"
     storage_root: str = Field(description="Local directory or object-store URI (s3://...) for datasets and models.")
     corpus_dir: str = Field(description="The prepared JSONL corpus (train/validation/test per domain).")
+    routing_dir: str | None = Field(
+        None, description="More text per domain from sources the corpus does not use (data/routing, written by "
+                          "`python -m senmon.ingest.routing_texts`): the routing model trains on it beside the "
+                          "dataset store, so it learns domains rather than one source's layout. None: the store only.")
     ray: RayConfig = RayConfig()
     kafka: KafkaConfig = KafkaConfig()
     ingest: IngestConfig = IngestConfig()
@@ -495,7 +499,7 @@ def _format_errors(error: ValidationError) -> str:
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
-    for key in ("storage_root", "corpus_dir"):
+    for key in ("storage_root", "corpus_dir", "routing_dir"):
         value = data.get(key)
         if isinstance(value, str) and not is_uri(value) and not os.path.isabs(value):
             data[key] = str((base / value).resolve())

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # idle, and the `ray up` test (training, two engine starts, SSH) fills them. (xdist's own
 # `xdist_group` marks do not group under pytest 9, which derives node ids from a structure xdist
 # does not change, so the groups are made here, by xdist's scheduler hook.)
-SEPARATE_GROUPS = {"test_ray_up.py": "beside", "test_train.py": "beside"}
+SEPARATE_GROUPS = {"test_ray_up.py": "beside", "test_train.py": "beside", "test_routing_texts.py": "beside"}
 
 
 def xdist_group_of(nodeid: str) -> str:
@@ -54,6 +54,7 @@ def make_config(tmp_path, embedded_config_data):
         data = copy.deepcopy(embedded_config_data)
         data["storage_root"] = str(tmp_path / "storage")
         data["corpus_dir"] = str(REPO / "data" / "corpus")
+        data["routing_dir"] = str(REPO / "data" / "routing")
         for key, value in overrides.items():
             data[key] = value
         return parse_config(data, source="test", base_dir=REPO / "configs")

@@ -27,7 +27,8 @@ def senmon(*args: str, config: Path | None = None, home: Path | None = None, tim
 
 
 def write_config(tmp_path: Path, data: dict, **overrides) -> Path:
-    data = dict(data, storage_root=str(tmp_path / "storage"), corpus_dir=str(REPO / "data" / "corpus"), **overrides)
+    data = dict(data, storage_root=str(tmp_path / "storage"), corpus_dir=str(REPO / "data" / "corpus"),
+                routing_dir=str(REPO / "data" / "routing"), **overrides)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path

@@ -24,6 +24,7 @@ def test_shipped_embedded_config_is_valid():
     assert {s.name for s in config.specialists} >= {"law", "code", "dictionary", "literature", "japanese"}
     # relative paths are resolved against the file, not the working directory
     assert Path(config.corpus_dir) == REPO / "data" / "corpus"
+    assert Path(config.routing_dir) == REPO / "data" / "routing"
     assert Path(config.storage_root) == REPO / "var" / "storage"
 
 

@@ -56,6 +56,7 @@ def ci_config(home: str, broker: str, http_port: int, topic_suffix: str) -> dict
                    for s in embedded["specialists"] if s["name"] == "law"]  # one specialist: the path, not the count
     return dict(
         data, name="senmon-ray-up", storage_root=f"{home}/{STORAGE}", corpus_dir=f"{home}/senmon/data/corpus",
+        routing_dir=f"{home}/senmon/data/routing",
         kafka=kafka, ingest=dict(data["ingest"], actors=1, flush_interval_s=0.5, actor_num_cpus=0.25),
         http=dict(data["http"], host="127.0.0.1", port=http_port),
         serve=dict(data["serve"], router_replicas=1, cpu_kv_cache_mib=64, cpus_per_engine=0.5),

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 def small_config_data(embedded_config_data: dict, storage: Path, **training) -> dict:
-    data = dict(embedded_config_data, storage_root=str(storage), corpus_dir=str(REPO / "data" / "corpus"))
+    data = dict(embedded_config_data, storage_root=str(storage), corpus_dir=str(REPO / "data" / "corpus"),
+                routing_dir=str(REPO / "data" / "routing"))
     data["training"] = dict(SMALL_TRAINING, **training)
     return data
 

@@ -5,9 +5,10 @@ with its layout taken out (`normalise_layout`: NFKC, lower case, digits as 0, ru
 whitespace one space), so the model learns what a domain's texts say rather than how the one source it was
 trained on lays them out; char n-grams within "words" also cover Japanese, which has no spaces. A log-loss
 linear model on top (SGD) gives probabilities; the router falls back to the generalist when the best one is below
-a threshold. It is trained on every specialist's training split, cut into snippets of prompt length (one of them
-with its markup characters stripped) as well as whole documents, so a short question routes as well as a long
-document. bench/routing.py measures it against the first model (CHAR13: char 1-3-grams of the lower-cased text,
+a threshold. It is trained on every specialist's training split and, where the config names a `routing_dir`
+(data/routing: the same domains' other sources, ingest/routing_texts.py), on that text too, cut into snippets of
+prompt length (one of them with its markup characters stripped) as well as whole documents, so a short question
+routes as well as a long document. bench/routing.py measures it against the first model (CHAR13: char 1-3-grams of the lower-cased text,
 logistic regression; still loadable) on sources the corpus does not use; docs/serving.md has the numbers.
 Predicting one prompt takes about a millisecond or two.
 """
@@ -21,6 +22,7 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -206,12 +208,22 @@ def router_paths(base: str) -> tuple[str, str]:
 
 
 def train_router(config, store) -> RoutingModel:
-    """Train on every specialist's training split, measure on its test split, save under the storage root."""
+    """Train on every specialist's training split and the config's `routing_dir` text of its domains, measure on
+    the store's test split, save under the storage root."""
+    from senmon.ingest.routing_texts import read_routing_texts
     from senmon.storage import filesystem, write_atomic
 
-    train = {s.name: [t for d in s.domains for t in store.texts(d, "train")] for s in config.specialists}
+    extra = {}
+    if config.routing_dir is not None:
+        if not Path(config.routing_dir).is_dir():
+            raise FileNotFoundError(f"routing_dir {config.routing_dir} does not exist (set routing_dir: null to train "
+                                    "the routing model on the dataset store alone)")
+        extra = read_routing_texts(config.routing_dir, {d for s in config.specialists for d in s.domains})
+    train = {s.name: [t for d in s.domains for t in store.texts(d, "train") + extra.get(d, [])]
+             for s in config.specialists}
     test = {s.name: [t for d in s.domains for t in store.texts(d, "test")] for s in config.specialists}
     model = RoutingModel.train(train, seed=config.training.seed)
+    model.meta["routing_dir_documents"] = {d: len(texts) for d, texts in sorted(extra.items())}
     model.meta["test_accuracy_documents"] = model.accuracy(test)
     model.meta["test_accuracy_snippets_100"] = model.accuracy(test, snippet_chars=100)
     fs, base = filesystem(config.storage_root)
