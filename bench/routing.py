@@ -9,7 +9,9 @@ of the same five kinds from sources the corpus does not use (ingest/sources/extr
 documents and on one 100-character snippet of each. "more sources" variants also train on the extra sources,
 leave-one-source-out: two folds, each holding out one source per domain (and some of the no-domain sources);
 every held-out text is scored by the fold's model that never saw its source. "none class" variants add a class
-for text of no domain, trained on the other fold's no-domain sources.
+for text of no domain, trained on the other fold's no-domain sources. ROUTER is what train_router builds: the
+corpus plus the shipped routing text (data/routing, ingest/routing_texts.py: the extra sources' train split), and
+is measured the same way, leave-one-source-out.
 
 The fallback threshold is chosen on validation text only: the corpus's validation split and the `validation`
 split of the extra sources (in-domain and no-domain), never on what is reported. Reported on the rest: the share
@@ -19,7 +21,7 @@ sources and the corpus's own test split). Latency: one prompt per `route` call, 
 Likelihood routing (serve/likelihood.py) needs a trained system, the serving versions of the generalist and every
 specialist (`--models`, a storage root; default: the embedded config's, which `make demo` fills): each model scores
 the prompt's first `--tokens` tokens; the best specialist answers if it saves `margin` nats/token over the
-generalist. "likelihood" alone, and "words+chars + second opinion" (the classifier when its confidence is at least
+generalist. "likelihood" alone, and "the router + second opinion" (ROUTER's classifier when its confidence is at least
 `below`, the likelihood otherwise: what the router runs). Their parameters are chosen on validation text.
 
 Accuracy against the domain label is a proxy. What routing is for is the answer, so the benchmark also measures
@@ -61,12 +63,15 @@ FOLDS = [
     {"copyright-freeform", "sphinx-doc", "freedict-eng-jpn", "fortune-anarchism", "bofh-excuses",
      "libreoffice-help-ja", "debian-reference-en", "package-descriptions"},
 ]
-VARIANTS = {  # name: (features, train on the other fold's extra sources, a class for text of no domain)
-    "today (char 1-3)": (CHAR13, False, False),
-    "words+chars": (WORDS_CHARS, False, False),
-    "char 1-3 + more sources": (CHAR13, True, False),
-    "words+chars + more sources": (WORDS_CHARS, True, False),
-    "words+chars + more sources + none class": (WORDS_CHARS, True, True),
+ROUTING_DIR = REPO / "data" / "routing"  # what the router trains on beside the corpus (ingest/routing_texts.py)
+ROUTER = "words+chars + data/routing (the router)"
+VARIANTS = {  # name: (features, more sources: none / "held-out" (var/sources) / "data/routing", a no-domain class)
+    "today (char 1-3)": (CHAR13, None, False),
+    "words+chars": (WORDS_CHARS, None, False),
+    "char 1-3 + more sources": (CHAR13, "held-out", False),
+    "words+chars + more sources": (WORDS_CHARS, "held-out", False),
+    "words+chars + more sources + none class": (WORDS_CHARS, "held-out", True),
+    ROUTER: (WORDS_CHARS, "data/routing", False),
 }
 
 
@@ -121,13 +126,20 @@ def evaluation_items(corpus: dict, extra: dict) -> list[dict]:
     return result
 
 
-def train_variant(features: str, more_sources: bool, none_class: bool, corpus: dict, extra: dict,
+def train_variant(features: str, more_sources: str | None, none_class: bool, corpus: dict, extra: dict,
                   seed: int = 0) -> list[RoutingModel]:
-    """One model per fold (the same model twice when the variant trains on the corpus alone)."""
+    """One model per fold (the same model twice when the variant trains on the corpus alone). More sources:
+    "held-out", up to TRAIN_DOCS_PER_SOURCE documents of each extra source of every split; "data/routing", the
+    shipped routing text (their train split, cut; what train_router adds): in both, never the fold's own sources."""
     models = []
     for fold in range(len(FOLDS) if more_sources else 1):
         texts = {d: [doc["text"] for doc in corpus["train"][d]] for d in DOMAINS}
-        if more_sources:
+        if more_sources == "data/routing":
+            for path in sorted(ROUTING_DIR.glob("*.jsonl")):
+                if path.stem not in FOLDS[fold]:
+                    for doc in read_jsonl(path):
+                        texts[doc["domain"]].append(doc["text"])
+        elif more_sources:
             for name, docs in extra.items():
                 domain = EXTRA_SOURCES[name][0]
                 if name in FOLDS[fold] or (domain == NO_DOMAIN and not none_class):
@@ -143,14 +155,14 @@ def fold_of(source: str) -> int:
     return next((k for k, fold in enumerate(FOLDS) if source in fold), 0)
 
 
-def score(models: list[RoutingModel], evaluation: list[dict]) -> tuple[list[str], list[float]]:
+def score(models: list[RoutingModel], evaluation: list[dict], key: str = "text") -> tuple[list[str], list[float]]:
     """(argmax label, confidence) per item, each scored by the model that never trained on its source."""
     best, confidence = [""] * len(evaluation), [0.0] * len(evaluation)
     for k, model in enumerate(models):
         index = [i for i, item in enumerate(evaluation) if fold_of(item["source"]) == k]
         for start in range(0, len(index), 256):
             chunk = index[start:start + 256]
-            for i, row in zip(chunk, model.scores([evaluation[i]["text"] for i in chunk])):
+            for i, row in zip(chunk, model.scores([evaluation[i][key] for i in chunk])):
                 top = int(np.argmax(row))
                 best[i], confidence[i] = model.labels[top], float(row[top])
     return best, confidence
@@ -354,17 +366,16 @@ def likelihood_latency(model: RoutingModel, scorer, evaluation: list[dict], belo
 
 
 def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict], results: dict) -> dict:
-    """The likelihood policies beside the deployed classifier (words+chars, corpus only): their parameters chosen
-    for answer quality on validation documents, then label accuracy and answer quality measured on the rest;
-    returns the answer-quality table of every policy."""
+    """The likelihood policies beside the deployed classifier (ROUTER, each text scored by the fold's model that
+    never trained on its source): their parameters chosen for answer quality on validation documents, then label
+    accuracy and answer quality measured on the rest; returns the answer-quality table of every policy."""
     scorer, versions = scorer_for(args.models, args.tokens)
     print(f"likelihood routing with {', '.join(f'{m} v{v}' for m, v in versions.items())} from {args.models}, "
           f"first {args.tokens} tokens", flush=True)
-    classifier = train_variant(WORDS_CHARS, False, False, corpus, extra)[0]
+    classifiers = train_variant(*VARIANTS[ROUTER], corpus, extra)
     started = time.monotonic()
     rows = answer_rows(scorer, evaluation)
-    prefix_routes = classifier.route([row["prefix_text"] for row in rows])
-    prefix_best, prefix_confidence = [r.specialist for r in prefix_routes], [r.confidence for r in prefix_routes]
+    prefix_best, prefix_confidence = score(classifiers, rows, key="prefix_text")
     prefix_nll = nll_all(scorer, [row["prefix_text"] for row in rows])
     print(f"  answer quality: {len(rows)} documents scored in {time.monotonic() - started:.0f} s", flush=True)
     validation = [i for i, row in enumerate(rows) if row["group"] == "validation"]
@@ -376,32 +387,33 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
         return q["ppl_vs_generalist"], rate(fired)
 
     texts = [item["text"] for item in evaluation]
-    best, confidence = score([classifier, classifier], evaluation)
+    best, confidence = score(classifiers, evaluation)
     started = time.monotonic()
     nll = nll_all(scorer, texts)
     print(f"  scored {len(texts)} prompts with {len(scorer.models)} models in {time.monotonic() - started:.0f} s",
           flush=True)
-    threshold = results["words+chars"]["threshold"]["threshold"] if "words+chars" in results else 0.5
+    threshold = results[ROUTER]["threshold"]["threshold"] if ROUTER in results else 0.5
     quality_policies = {
         "always the generalist": [NO_DOMAIN] * len(rows),
         "the labelled domain's specialist (perfect classifier)": [row["label"] for row in rows],
         "best in hindsight (oracle)": [min(row["answer"], key=row["answer"].get) for row in rows],
-        f"words+chars at its threshold ({threshold:.2f})": [
+        f"the router's classifier at its threshold ({threshold:.2f})": [
             b if c >= threshold else NO_DOMAIN for b, c in zip(prefix_best, prefix_confidence)],
     }
-    for name, belows in (("likelihood", [1.01]), ("words+chars + second opinion", BELOWS)):
+    for name, belows in (("likelihood", [1.01]), ("the router + second opinion", BELOWS)):
         grid = [(validation_quality(b, m), b, m) for b in belows for m in MARGINS]
         best_ppl = min(g[0][0] for g in grid)
         # within 1% of the best answer quality: the fewest second opinions (latency), then the largest margin
         (ppl, _), below, margin = min((g for g in grid if g[0][0] <= best_ppl * 1.01), key=lambda g: (g[0][1], -g[2]))
         chosen, fired = combined(best, confidence, nll, below, margin)
-        results[name] = {"features": "likelihood" if below > 1 else WORDS_CHARS + " + likelihood", "more_sources": False,
+        results[name] = {"features": "likelihood" if below > 1 else WORDS_CHARS + " + likelihood",
+                         "more_sources": None if below > 1 else "data/routing",
                          "none_class": False, "tokens": args.tokens, "models": versions,
                          "threshold": {"threshold": 0.0, "below": below, "margin": margin,
                                        "validation_answer_ppl_vs_generalist": ppl},
                          "second_opinion_fired": rate(fired),
                          "at_chosen_threshold": measure(evaluation, chosen, [1.0] * len(chosen), 0.0),
-                         "latency": likelihood_latency(classifier, scorer, evaluation, below, margin)}
+                         "latency": likelihood_latency(classifiers[0], scorer, evaluation, below, margin)}
         quality_policies[f"{name} (below {below}, margin {margin})"] = combined(
             prefix_best, prefix_confidence, prefix_nll, below, margin)[0]
         print(f"{name}: below {below}, margin {margin}: validation answers {ppl:.3f}x the generalist's perplexity; "
