@@ -109,10 +109,63 @@ def start_ray(config: SenmonConfig) -> bool:
         ray.init(address=config.ray.address, namespace=config.ray.namespace,
                  logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
         return False
-    with loopback_node():
-        ray.init(num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
-    return True
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            with loopback_node():
+                ray.init(num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
+            return True
+        except Exception as error:
+            # Ray gives a new node a fixed 30 s to register with its GCS; on a loaded host (two cores, another
+            # Ray starting beside it) that can pass. Start it once more, without the first try's processes.
+            if attempt == RAY_START_ATTEMPTS or RAY_START_TIMEOUT not in str(error):
+                raise
+            stopped = stop_ray_children()
+            log.warning("Ray's node did not register within Ray's 30 s (an overloaded host?); stopped the %d "
+                        "processes of that try, starting Ray again", len(stopped))
+    raise AssertionError("unreachable")
+
+
+RAY_START_ATTEMPTS = 2
+RAY_START_TIMEOUT = "timed out during startup"  # ray/_private/node.py's message when the raylet does not register
+
+
+def stop_ray_children(grace_s: float = 5.0) -> dict[int, str]:
+    """SIGKILL, after SIGTERM and `grace_s`, every descendant of this process that is one of Ray's (its path runs
+    through the ray package: GCS, raylet, monitors, agents, workers); the broker and others are left."""
+    def ray_descendants() -> dict[int, str]:
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                        int(entry.name))
+                except (OSError, IndexError):
+                    continue
+        found, todo = {}, [os.getpid()]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                todo.append(child)
+                try:
+                    command = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                        errors="replace")
+                except OSError:
+                    continue
+                if "/ray/" in command or command.startswith(("ray::", "raylet")):
+                    found[child] = command.strip()
+        return found
+
+    found = ray_descendants()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ray_descendants():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while ray_descendants() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return found
 
 
 @contextmanager
