@@ -109,24 +109,31 @@ def start_ray(config: SenmonConfig) -> bool:
         ray.init(address=config.ray.address, namespace=config.ray.namespace,
                  logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
         return False
+    with loopback_node():
+        init_local_ray(num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, include_dashboard=False,
+                       logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
+    return True
+
+
+def init_local_ray(**init_kwargs) -> None:
+    """`ray.init(**init_kwargs)` for a new local instance, tried once more when its node timed out registering.
+
+    Ray gives a new node a fixed 30 s to register with its GCS (ray/_private/node.py); on a loaded host (two
+    cores, another Ray starting beside it) that can pass. The second try starts without the first's processes.
+    """
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
-            with loopback_node():
-                ray.init(num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, include_dashboard=False,
-                         logging_level=logging.WARNING, log_to_driver=config.ray.log_to_driver)
-            return True
+            ray.init(**init_kwargs)
+            return
         except Exception as error:
-            # Ray gives a new node a fixed 30 s to register with its GCS; on a loaded host (two cores, another
-            # Ray starting beside it) that can pass. Start it once more, without the first try's processes.
             if attempt == RAY_START_ATTEMPTS or RAY_START_TIMEOUT not in str(error):
                 raise
             stopped = stop_ray_children()
             log.warning("Ray's node did not register within Ray's 30 s (an overloaded host?); stopped the %d "
                         "processes of that try, starting Ray again", len(stopped))
-    raise AssertionError("unreachable")
 
 
-RAY_START_ATTEMPTS = 2
+RAY_START_ATTEMPTS = 3
 RAY_START_TIMEOUT = "timed out during startup"  # ray/_private/node.py's message when the raylet does not register
 
 

@@ -78,6 +78,8 @@ def ray_local():
 
     if ray.is_initialized():  # a test before this one touched Ray and it started itself, with defaults
         ray.shutdown()
-    ray.init(num_cpus=8, include_dashboard=False, namespace="senmon-test", log_to_driver=False)
+    from senmon.stack import init_local_ray
+
+    init_local_ray(num_cpus=8, include_dashboard=False, namespace="senmon-test", log_to_driver=False)
     yield ray
     ray.shutdown()
