@@ -8,8 +8,9 @@ linear model on top (SGD) gives probabilities; the router falls back to the gene
 a threshold. It is trained on every specialist's training split and, where the config names a `routing_dir`
 (data/routing: the same domains' other sources, ingest/routing_texts.py), on that text too, cut into snippets of
 prompt length (one of them with its markup characters stripped) as well as whole documents, so a short question
-routes as well as a long document. bench/routing.py measures it against the first model (CHAR13: char 1-3-grams of the lower-cased text,
-logistic regression; still loadable) on sources the corpus does not use; docs/serving.md has the numbers.
+routes as well as a long document. bench/routing.py measures it against the first model (CHAR13: char
+1-3-grams of the lower-cased text, logistic regression; still loadable) on sources the corpus does not use;
+docs/serving.md has the numbers.
 Predicting one prompt takes about a millisecond or two.
 """
 
