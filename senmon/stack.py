@@ -116,10 +116,11 @@ def start_ray(config: SenmonConfig) -> bool:
 
 
 def init_local_ray(**init_kwargs) -> None:
-    """`ray.init(**init_kwargs)` for a new local instance, tried once more when its node timed out registering.
+    """`ray.init(**init_kwargs)` for a new local instance, tried again (RAY_START_ATTEMPTS in all) when its node
+    timed out registering.
 
     Ray gives a new node a fixed 30 s to register with its GCS (ray/_private/node.py); on a loaded host (two
-    cores, another Ray starting beside it) that can pass. The second try starts without the first's processes.
+    cores, another Ray starting beside it) that can pass. Each new try starts without the last one's processes.
     """
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
@@ -138,41 +139,17 @@ RAY_START_TIMEOUT = "timed out during startup"  # ray/_private/node.py's message
 
 
 def stop_ray_children(grace_s: float = 5.0) -> dict[int, str]:
-    """SIGKILL, after SIGTERM and `grace_s`, every descendant of this process that is one of Ray's (its path runs
-    through the ray package: GCS, raylet, monitors, agents, workers); the broker and others are left."""
+    """Stop (`_stop`) every descendant of this process that is one of Ray's (its command line runs through the ray
+    package: GCS, raylet, monitors, agents, workers); the broker and others are left; returns what was found."""
     def ray_descendants() -> dict[int, str]:
-        children: dict[int, list[int]] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                        int(entry.name))
-                except (OSError, IndexError):
-                    continue
-        found, todo = {}, [os.getpid()]
-        while todo:
-            for child in children.get(todo.pop(), []):
-                todo.append(child)
-                try:
-                    command = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                        errors="replace")
-                except OSError:
-                    continue
-                if "/ray/" in command or command.startswith(("ray::", "raylet")):
-                    found[child] = command.strip()
+        found = {}
+        for pid in _descendants([os.getpid()], _process_children()):
+            command = _cmdline(pid)
+            if command is not None and ("/ray/" in command or command.startswith(("ray::", "raylet"))):
+                found[pid] = command
         return found
 
-    found = ray_descendants()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in ray_descendants():
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while ray_descendants() and time.monotonic() < deadline:
-            time.sleep(0.1)
-    return found
+    return _stop(ray_descendants, grace_s, "of a Ray start that timed out")
 
 
 @contextmanager
@@ -309,56 +286,82 @@ def tagged_processes(tag: str, ray_session_dir: str | None = None) -> dict[int, 
     there; a long process title can overwrite the environment that /proc shows); and every
     descendant of those.
     """
-    marker, found, children = f"{STACK_ENV}={tag}".encode(), {}, {}
+    marker = f"{STACK_ENV}={tag}".encode()
     session = ray_session_dir.rstrip("/") + "/" if ray_session_dir else None
+    children, roots = _process_children(), []
+    for pid in {child for kids in children.values() for child in kids}:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if marker in environ or (session and _opens_under(pid, session)):
+            roots.append(pid)
+    found = {}
+    for pid in {*roots, *_descendants(roots, children)}:
+        if (command := _cmdline(pid)) is not None:
+            found[pid] = command
+    return found
+
+
+def _process_children() -> dict[int, list[int]]:
+    """{parent pid: [child pids]} of every live process (not zombies) but this one."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        pid = int(entry.name)
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] in ("Z", "X"):
-                continue
-            children.setdefault(int(fields[1]), []).append(pid)
-            if marker in (entry / "environ").read_bytes().split(b"\0") or (session and _opens_under(pid, session)):
-                found[pid] = None
-        except (OSError, IndexError):  # gone, or another user's
+        except (OSError, IndexError):
             continue
-    todo = list(found)
+        if fields[0] not in ("Z", "X"):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def _descendants(roots: list[int], children: dict[int, list[int]]) -> set[int]:
+    found, todo = set(), list(roots)
     while todo:
         for child in children.get(todo.pop(), []):
             if child not in found:
-                found[child] = None
+                found.add(child)
                 todo.append(child)
-    for pid in list(found):
-        try:
-            found[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace").strip()
-        except OSError:
-            del found[pid]
     return found
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        command = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+    return command.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
 def stop_tagged(tag: str, ray_session_dir: str | None = None, grace_s: float = 10.0) -> dict[int, str]:
     """SIGTERM every process of the stack (`tagged_processes`), SIGKILL what is left after `grace_s`;
     returns what was found."""
-    found = tagged_processes(tag, ray_session_dir)
+    return _stop(lambda: tagged_processes(tag, ray_session_dir), grace_s, "of a senmon stack")
+
+
+def _stop(find, grace_s: float, what: str) -> dict[int, str]:
+    """SIGTERM what `find()` returns ({pid: command line}), SIGKILL what it still returns after `grace_s`, wait up
+    to 10 s more for it to be gone; returns what was found first."""
+    found = find()
     for pid in found:
         try:
             os.kill(pid, signal.SIGTERM)
         except OSError:
             pass
     deadline = time.monotonic() + grace_s
-    while (alive := tagged_processes(tag, ray_session_dir)) and time.monotonic() < deadline:
+    while (alive := find()) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in alive:
-        log.warning("stopping pid %s of a senmon stack with SIGKILL: %s", pid, alive[pid][:120])
+        log.warning("stopping pid %s %s with SIGKILL: %s", pid, what, alive[pid][:120])
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
     deadline = time.monotonic() + 10
-    while tagged_processes(tag, ray_session_dir) and time.monotonic() < deadline:
+    while find() and time.monotonic() < deadline:
         time.sleep(0.1)
     return found
 
