@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import table, write_results
+from senmon.ingest.routing_texts import read_routing_texts
 from senmon.ingest.sources.extra import EXTRA_SOURCES, NO_DOMAIN
 from senmon.train.routing import CHAR13, WORDS_CHARS, RoutingModel
 
@@ -135,10 +136,8 @@ def train_variant(features: str, more_sources: str | None, none_class: bool, cor
     for fold in range(len(FOLDS) if more_sources else 1):
         texts = {d: [doc["text"] for doc in corpus["train"][d]] for d in DOMAINS}
         if more_sources == "data/routing":
-            for path in sorted(ROUTING_DIR.glob("*.jsonl")):
-                if path.stem not in FOLDS[fold]:
-                    for doc in read_jsonl(path):
-                        texts[doc["domain"]].append(doc["text"])
+            for domain, shipped in read_routing_texts(ROUTING_DIR, leave_out=FOLDS[fold]).items():
+                texts[domain].extend(shipped)
         elif more_sources:
             for name, docs in extra.items():
                 domain = EXTRA_SOURCES[name][0]

@@ -50,10 +50,14 @@ def select(docs: list[dict], max_docs: int, max_chars: int) -> list[dict]:
             for d in sorted(train[:max_docs], key=lambda d: d["id"])]
 
 
-def read_routing_texts(directory: str | Path, domains: set[str] | None = None) -> dict[str, list[str]]:
-    """Texts per domain from a routing_dir (every `<source>.jsonl` in it); {} when it does not exist."""
+def read_routing_texts(directory: str | Path, domains: set[str] | None = None,
+                       leave_out: set[str] = frozenset()) -> dict[str, list[str]]:
+    """Texts per domain from a routing_dir (every `<source>.jsonl` in it but the sources in `leave_out`); {} when
+    it does not exist."""
     result: dict[str, list[str]] = {}
     for path in sorted(Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else []:
+        if path.stem in leave_out:
+            continue
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 doc = json.loads(line)
