@@ -8,8 +8,8 @@ from __future__ import annotations
 import runpy
 import sys
 
-BENCHMARKS = ["specialists", "serving", "ingest", "freshness", "retrain_paths", "routing", "fallback", "soak",
-              "reliability"]
+BENCHMARKS = ["specialists", "other_sources", "serving", "ingest", "freshness", "retrain_paths", "routing", "fallback",
+              "soak", "reliability"]
 
 
 def main() -> None:
