@@ -1,7 +1,7 @@
 """Would the models predict unseen sources better if they trained on more than one source per domain?
 
     python -m senmon.ingest.extra_sources        # once: the allowed extra sources, under var/sources
-    python -m bench other_sources                # -> bench/results/other_sources.json (about 25 minutes here)
+    python -m bench other_sources                # -> bench/results/other_sources.json (27 minutes on this 2-core machine)
 
 The routing model already trains on each domain's other sources (data/routing); the models do not: every
 specialist and the generalist train on the shipped corpus, one source per domain. This measures, leave one source
@@ -25,7 +25,6 @@ specialist in each arm.
 from __future__ import annotations
 
 import concurrent.futures as futures
-import json
 import math
 import multiprocessing
 import random
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import table, write_results
-from bench.routing import FOLDS, SOURCES
+from bench.routing import FOLDS, SOURCES, read_jsonl
 from bench.specialists import Run, execute, read_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,9 +47,7 @@ ARMS = ("corpus, longer", "equal compute", "budget rule")  # compared with "corp
 
 
 def source_texts(name: str, splits: set[str]) -> list[str]:
-    rows = [json.loads(line) for line in (SOURCES / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-    return [r["text"] for r in rows if r["split"] in splits]
+    return [r["text"] for r in read_jsonl(SOURCES / f"{name}.jsonl") if r["split"] in splits]
 
 
 def ppl(pair: tuple[float, int]) -> float:
