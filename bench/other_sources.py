@@ -1,7 +1,7 @@
 """Would the models predict unseen sources better if they trained on more than one source per domain?
 
     python -m senmon.ingest.extra_sources        # once: the allowed extra sources, under var/sources
-    python -m bench other_sources                # -> bench/results/other_sources.json (27 minutes on this 2-core machine)
+    python -m bench other_sources                # -> bench/results/other_sources.json (27 min on 2 cores)
 
 The routing model already trains on each domain's other sources (data/routing); the models do not: every
 specialist and the generalist train on the shipped corpus, one source per domain. This measures, leave one source
@@ -16,7 +16,7 @@ adding the other sources' `train` split to the models' data makes them better on
   it is the other sources' effect at equal compute, and against "corpus" that of the steps as well.
 
 Every model is trained by `train_steps` in-process (bench/specialists.py's runner), the embedded config's
-tokenizer size, sequence, batch and learning rate, and the demo's specialist shape (hidden 32, 2 layers); the
+tokenizer size, sequence, batch and learning rate, and the specialists benchmark's shape (hidden 32, 2 layers); the
 tokenizer is trained on the corpus alone, as the system's is. Scored: perplexity on each held-out source (its
 validation and test documents, up to EVAL_DOCS) and on the corpus's test split, of the seed and of the domain's
 specialist in each arm.
