@@ -333,13 +333,14 @@ class Router:
             chosen, route, reason = best, "auto", reason + "; no generalist serving, so the best specialist answers"
         return Decision(chosen, self._version(chosen), confidence, elapsed, route, best, reason, compared, second)
 
-    async def decide_async(self, requested: Any, text: str) -> Decision:
+    async def decide_async(self, requested: Any, text: str, routed: Any = None) -> Decision:
         """decide(), with the second opinion's forward pass (milliseconds of torch) in a worker thread when it
-        fires, so the event loop goes on serving other requests meanwhile."""
+        fires, so the event loop goes on serving other requests meanwhile. `routed`: the classifier's route of
+        `text`, when the caller already has it."""
         if requested != AUTO or self.routing is None or self.likelihood is None or not text.strip():
-            return self.decide(requested, text)
+            return self.decide(requested, text, routed=routed)
         started = time.perf_counter()
-        routed = self.routing.route([text])[0]
+        routed = routed or self.routing.route([text])[0]
         names = self._second_opinion_names(routed.specialist, routed.confidence)
         nll = await asyncio.to_thread(self.likelihood.timed_nll, text, names) if names else None
         return self.decide(requested, text, routed=routed, nll=nll, started=started)
@@ -386,9 +387,13 @@ class Router:
                 "fallback_version": fallback.get("version"), "fallback_val_ppl": fallback_ppl,
                 "beats_fallback": specialist_ppl < fallback_ppl}
 
-    def explain(self, text: str, decision: Decision | None = None) -> dict:
-        decision = decision or self.decide(AUTO, text)
-        scores = self.routing.route([text])[0].scores if self.routing is not None and text.strip() else {}
+    def explain(self, text: str, decision: Decision | None = None, routed: Any = None) -> dict:
+        """`decision` for `text` with what it was made of: the classifier's scores, threshold and settings.
+        `routed`: the classifier's route the decision used (else the text is classified again)."""
+        if routed is None and self.routing is not None and text.strip():
+            routed = self.routing.route([text])[0]
+        decision = decision or self.decide(AUTO, text, routed=routed)
+        scores = routed.scores if routed is not None else {}
         return {**asdict(decision), "threshold": self.config.serve.confidence_threshold,
                 "second_opinion_below": self.config.serve.second_opinion_below if self.likelihood else None,
                 "quality_aware": self.config.serve.quality_aware,
@@ -571,7 +576,9 @@ class Router:
             yield chunk
 
     async def route(self, text: str) -> dict:
-        return self.explain(text, await self.decide_async(AUTO, text))
+        """The `auto` decision for `text`, explained (`POST /v1/route`); the classifier runs once."""
+        routed = self.routing.route([text])[0] if self.routing is not None and text.strip() else None
+        return self.explain(text, await self.decide_async(AUTO, text, routed), routed)
 
     async def list_models(self) -> list[dict]:
         def card(model: str, kind: str) -> dict:
@@ -641,8 +648,7 @@ class Router:
         self._check_api(request)
         body = await self._json(request)
         validate_body("route", body)
-        text = prompt_text("chat" if "messages" in body else "completions", body)
-        return self.explain(text, await self.decide_async(AUTO, text))
+        return await self.route(prompt_text("chat" if "messages" in body else "completions", body))
 
     @app.get("/health")
     async def http_health(self):
