@@ -20,7 +20,9 @@ Usage: python -m bench.serving [--concurrency 1,8,32] [--only overhead[,routing,
        RAY_SERVE_THROUGHPUT_OPTIMIZED=1 python -m bench serving --only overhead --label throughput-mode
        (set it before the bench starts: its own local Ray passes the driver's environment to every Ray process). With
        Serve's direct ingress on (that mode's default), each ingress replica serves HTTP on a port of its own and the
-       HTTP paths are driven there, not through Serve's proxy (`--http-via proxy` keeps the proxy).
+       HTTP paths are driven there, not through Serve's proxy (`--http-via proxy` keeps the proxy). Ray's HAProxy
+       ingress, which serves the configured port itself (docs/serving.md has both measured):
+       RAY_SERVE_ENABLE_HA_PROXY=1 python -m bench serving --only overhead --label haproxy --http-via proxy
 """
 
 from __future__ import annotations
