@@ -253,7 +253,6 @@ def _router(make_config, law_ppl: float, fallback_ppl: float | None, quality_awa
     return router
 
 
-
 def test_route_explains_with_the_classifier_run_once(make_config):
     class _Counting(_Routing):
         calls = 0
@@ -269,6 +268,7 @@ def test_route_explains_with_the_classifier_run_once(make_config):
     assert (explained["specialist"], explained["route"], explained["scores"]) == ("law", "auto", {"law": 0.97})
     assert explained["threshold"] == router.config.serve.confidence_threshold
     assert asyncio.run(router.route("   "))["route"] == "fallback" and router.routing.calls == 1  # no text: no call
+
 
 def test_auto_sends_to_a_specialist_only_where_it_beats_the_fallback(make_config):
     better = _router(make_config, law_ppl=40.0, fallback_ppl=60.0).decide("auto", "GNU General Public License")
