@@ -388,6 +388,13 @@ def cmd_serve_config(args, config: SenmonConfig) -> int:
     return 0
 
 
+def cmd_ray_env(args, config: SenmonConfig) -> int:
+    from senmon.cluster import export_lines, ray_start_environment
+
+    print(export_lines(ray_start_environment(config)), end="")
+    return 0
+
+
 def cmd_ingest(args, config: SenmonConfig) -> int:
     from kafka.errors import KafkaError
 
@@ -434,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=cmd_ask)
     commands.add_parser("serve-config", help="print the Serve config (for 'serve deploy') the code builds"
                         ).set_defaults(func=cmd_serve_config)
+    commands.add_parser("ray-env", help="print the environment a node's 'ray start' needs (export lines, for eval)"
+                        ).set_defaults(func=cmd_ray_env)
     ingest = commands.add_parser("ingest", help="produce a JSONL file's documents onto the Kafka documents topic")
     ingest.add_argument("file", help="JSONL: one {\"id\", \"text\", \"domain\"?, \"source\"?} object per line")
     ingest.set_defaults(func=cmd_ingest)

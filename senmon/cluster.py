@@ -5,6 +5,8 @@
 `ray exec` and `ray down` (which runs `ray stop` on the head) find `ray`, `serve` and `senmon`.
 `head_start_ray_commands` start Ray on the head, deploy the Serve config the code builds and
 start senmon's control plane (`senmon up --cluster`); `worker_start_ray_commands` join a worker.
+Both run `ray start` in the environment `ray_start_environment` gives for the senmon config
+(`senmon ray-env` prints it): what Ray reads only when it starts, Serve's HTTP front door.
 
 cluster.yaml (the AWS cluster: the `gpu` extra, configs/production.example.yaml) carries exactly
 these lines, which tests/test_cluster.py checks. `local_cluster` puts the same lines into a
@@ -15,7 +17,12 @@ senmon config file, and Ray's ports (a shared test machine cannot count on Ray's
 
 from __future__ import annotations
 
+import os
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
+
+from senmon.config import SenmonConfig
 
 REPO_ON_NODE = "~/senmon"                  # file_mounts puts the repository here on every node
 SERVE_CONFIG = "~/senmon-serve.yaml"      # what `senmon serve-config` writes and `serve deploy` reads
@@ -58,13 +65,46 @@ def _ulimit() -> str:
     return "ulimit -n 65536 2>/dev/null || ulimit -n hard"  # 65536 open files, or as many as the user may
 
 
+def ray_start_environment(config: SenmonConfig, uid: int | None = None) -> dict[str, str]:
+    """The environment `ray start` needs on a node for `config`: Serve's HTTP front door (`serve.ingress`).
+
+    Ray reads these when Serve starts, in every process of the node, so they cannot be set later. With
+    HAProxy, its stats and metrics ports are the config's, and its files live in a directory of the node
+    user's own (Ray's default, /tmp/haproxy-serve, belongs to whichever user made it first), named by user
+    id: Ray adds the node id (56 characters) and HAProxy takes socket paths of at most 97."""
+    if config.serve.ingress != "haproxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    base = Path(f"/tmp/senmon-haproxy-{os.getuid() if uid is None else uid}")
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(config.serve.haproxy_stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.serve.haproxy_metrics_port),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
+    }
+
+
+def export_lines(environment: dict[str, str]) -> str:
+    """`environment` as shell `export` lines (what `senmon ray-env` prints, for `eval`)."""
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in environment.items())
+
+
+def _ray_env(config: str) -> str:
+    """Load `senmon ray-env`'s exports for `config` into the shell; a config that does not load stops the command."""
+    return f'ray_env=$(cd {REPO_ON_NODE} && senmon --config {config} ray-env) && eval "$ray_env"'
+
+
 def head_start_ray_commands(config: str, ports: RayPorts = RayPorts()) -> list[str]:
-    """Start Ray on the head, deploy the Serve config built from `config` (a path on the node,
-    relative to the repository or absolute), then start `senmon up --cluster` in the background."""
+    """Start Ray on the head (in `ray_start_environment`), deploy the Serve config built from `config`
+    (a path on the node, relative to the repository or absolute), then start `senmon up --cluster` in
+    the background."""
     p = ports
     return [
         "ray stop",
-        f"{_ulimit()}; ray start --head --port={p.gcs} --object-manager-port={p.object_manager} "
+        f"{_ulimit()}; {_ray_env(config)} && ray start --head --port={p.gcs} --object-manager-port={p.object_manager} "
         f"--ray-client-server-port={p.client_server} --dashboard-host=0.0.0.0 --dashboard-port={p.dashboard} "
         f"--dashboard-agent-listen-port={p.dashboard_agent} --autoscaling-config=~/ray_bootstrap_config.yaml",
         f"cd {REPO_ON_NODE} && senmon --config {config} serve-config > {SERVE_CONFIG}",
@@ -73,10 +113,11 @@ def head_start_ray_commands(config: str, ports: RayPorts = RayPorts()) -> list[s
     ]
 
 
-def worker_start_ray_commands(ports: RayPorts = RayPorts()) -> list[str]:
+def worker_start_ray_commands(config: str, ports: RayPorts = RayPorts()) -> list[str]:
     return [
         "ray stop",
-        f"{_ulimit()}; ray start --address=$RAY_HEAD_IP:{ports.gcs} --object-manager-port={ports.object_manager}",
+        f"{_ulimit()}; {_ray_env(config)} && ray start --address=$RAY_HEAD_IP:{ports.gcs} "
+        f"--object-manager-port={ports.object_manager}",
     ]
 
 
@@ -88,7 +129,7 @@ def commands(extra: str, config: str, ports: RayPorts = RayPorts()) -> dict[str,
         "head_setup_commands": [],
         "worker_setup_commands": [],
         "head_start_ray_commands": head_start_ray_commands(config, ports),
-        "worker_start_ray_commands": worker_start_ray_commands(ports),
+        "worker_start_ray_commands": worker_start_ray_commands(config, ports),
     }
 
 

@@ -363,6 +363,16 @@ class ServeConfig(_Strict):
                                 "the training job's reference for the weights to count as loaded (float32 here; "
                                 "raise it for bf16/fp16 engines).")
     engine_poll_s: float = Field(0.25, gt=0, description="How often an engine replica checks for new weights.")
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="Ray Serve's HTTP front door. 'proxy': Serve's Python proxy actor. 'haproxy': Ray's "
+                             "HAProxy ingress, which forwards to the router replica's own HTTP server (router over "
+                             "HTTP 0.75-0.89x the engine's own tokens/s at concurrency 32 on a 2-core host, against "
+                             "0.52-0.60; docs/serving.md). Ray reads it when it starts, so on clusters only: the "
+                             "nodes' `ray start` runs in the environment `senmon ray-env` prints (cluster.yaml's "
+                             "commands do). HAProxy serves its stats and metrics pages on the two ports below, on "
+                             "every interface.")
+    haproxy_stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy's stats page (ingress: haproxy).")
+    haproxy_metrics_port: int = Field(9101, ge=1, le=65535, description="HAProxy's metrics (ingress: haproxy).")
 
 
 class SchedulerConfig(_Strict):
@@ -442,6 +452,14 @@ class SenmonConfig(_Strict):
             raise ValueError("kafka.embedded_storage: durable keeps the embedded broker's files under a local "
                              f"storage_root; {self.storage_root} is not one (set embedded_storage: memory, or "
                              "embedded: false with a Kafka cluster)")
+        return self
+
+    @model_validator(mode="after")
+    def _haproxy_on_clusters_only(self) -> "SenmonConfig":
+        if self.serve.ingress == "haproxy" and self.ray.address is None:
+            raise ValueError("serve.ingress: haproxy is for a Ray cluster (ray.address set) whose nodes ran `ray start` "
+                             "in the environment `senmon ray-env` prints; the local Ray senmon starts keeps Serve's "
+                             "proxy (HAProxy would also open its stats and metrics ports on every interface)")
         return self
 
     @property

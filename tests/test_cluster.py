@@ -104,6 +104,35 @@ def test_the_head_deploys_the_serve_config_that_the_code_builds(tmp_path):
     assert build_router(router["args"]) is not None
 
 
+def test_ray_starts_on_every_node_in_the_environment_senmon_ray_env_prints(tmp_path):
+    """The head's and the workers' `ray start` lines load `senmon ray-env` for the config first: run
+    that part here (on a copy of the production config with a local storage root) and compare what it
+    exports with `ray_start_environment`; a config that does not load stops the line before `ray start`."""
+    from senmon.cluster import ray_start_environment
+    from senmon.config import load_config
+
+    production = yaml.safe_load((REPO / "configs" / "production.example.yaml").read_text(encoding="utf-8"))
+    production["storage_root"] = str(tmp_path / "storage")
+    config_file = tmp_path / "production.yaml"
+    config_file.write_text(yaml.safe_dump(production), encoding="utf-8")
+    expected = ray_start_environment(load_config(config_file))
+    assert expected["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # production: HAProxy (tests/test_ray_up.py serves through it)
+    senmon_bin = Path(sys.executable).parent
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        line = next(c for c in cluster()[key] if "ray start" in c)
+        before_ray_start = line.split("ray start")[0].replace("~/senmon", str(REPO)).replace(
+            "configs/production.example.yaml", str(config_file))
+        shell = f"export PATH={senmon_bin}:$PATH; {before_ray_start} env"
+        out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        exported = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith("RAY_SERVE_"))
+        assert {k: exported.get(k) for k in expected} == expected, (key, exported)
+    broken = f"export PATH={senmon_bin}:$PATH; " + before_ray_start.replace(str(config_file), "/nonexistent.yaml") + \
+        " echo started"
+    out = subprocess.run(["bash", "-c", broken], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "started" not in out.stdout and "nonexistent" in out.stderr, (out.stdout, out.stderr)
+
+
 def test_every_part_of_the_repository_is_synced_to_the_nodes_or_deliberately_not():
     from senmon.cluster import NOT_ON_NODES, ON_NODES
 

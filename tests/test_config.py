@@ -167,3 +167,25 @@ def test_rate_limit_section(make_config):
                        ({"burst": 10}, "burst has no effect without requests_per_minute")):
         with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
             make_config(http={"rate_limit": bad})
+
+
+def test_haproxy_ingress_is_for_clusters_and_sets_what_ray_start_reads(make_config, embedded_config_data):
+    """serve.ingress: haproxy is refused for the local Ray senmon starts itself (HAProxy opens its stats and
+    metrics ports on every interface, and Ray reads the setting only when it starts); on a cluster it becomes
+    the environment `senmon ray-env` prints for the nodes' `ray start`, with the config's ports and files
+    in a directory of the node user's own."""
+    from senmon.cluster import export_lines, ray_start_environment
+
+    with pytest.raises(ConfigError, match="serve.ingress: haproxy is for a Ray cluster"):
+        make_config(serve=dict(embedded_config_data["serve"], ingress="haproxy"))
+    assert ray_start_environment(make_config()) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # Serve's proxy, said so
+    cluster = make_config(ray=dict(embedded_config_data["ray"], address="auto"),
+                          serve=dict(embedded_config_data["serve"], ingress="haproxy", haproxy_stats_port=18404,
+                                     haproxy_metrics_port=19101))
+    env = ray_start_environment(cluster, uid=12345)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+    paths = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+    assert len(paths) == 5 and all(p.startswith("/tmp/senmon-haproxy-12345") for p in paths), env
+    assert max(len(p) for p in paths) + 1 + 56 <= 97  # with Ray's node id inside: HAProxy's longest socket path
+    assert export_lines({"A": "1", "B": "x y"}) == "export A=1\nexport B='x y'\n"

@@ -59,7 +59,9 @@ def ci_config(home: str, broker: str, http_port: int, topic_suffix: str) -> dict
         routing_dir=f"{home}/senmon/data/routing",
         kafka=kafka, ingest=dict(data["ingest"], actors=1, flush_interval_s=0.5, actor_num_cpus=0.25),
         http=dict(data["http"], host="127.0.0.1", port=http_port),
-        serve=dict(data["serve"], router_replicas=1, cpu_kv_cache_mib=64, cpus_per_engine=0.5),
+        # the production config's front door, HAProxy, on ports free here (a test machine cannot count on 8404 and 9101)
+        serve=dict(data["serve"], router_replicas=1, cpu_kv_cache_mib=64, cpus_per_engine=0.5,
+                   haproxy_stats_port=free_port(), haproxy_metrics_port=free_port()),
         # specialists from scratch: the generalist and law train at once (branching is tests/test_train.py's)
         training={"vocab_size": 1024, "seq_len": 64, "batch_size": 8, "epochs": 1, "learning_rate": 0.003,
                   "promotion_margin": 0.01, "num_workers": 1, "cpus_per_worker": 1, "use_gpu": False,
@@ -254,6 +256,15 @@ def test_ray_up_runs_the_cluster_commands_end_to_end(node, tmp_path):
             assert answer.headers["x-senmon-specialist"] == "law" and "text" in answer.json()["choices"][0]
             unauthorised = httpx.post(f"{url}/v1/completions", json={"model": "law", "prompt": "x", "max_tokens": 1})
             assert unauthorised.status_code == 401  # the key came from the node's environment
+            # serve.ingress: haproxy: `ray start` ran in `senmon ray-env`'s environment, so HAProxy, not Serve's
+            # Python proxy, serves the HTTP port, its stats page on the configured port and its files in the user's
+            # own directory
+            assert data["serve"]["ingress"] == "haproxy"
+            haproxies = [p for p in user_processes(USER) if re.search(r"\bhaproxy\b", p.split()[1])]
+            uid = subprocess.run(["id", "-u", USER], capture_output=True, text=True, check=True).stdout.strip()
+            assert haproxies and all(f"/tmp/senmon-haproxy-{uid}/" in p for p in haproxies), user_processes(USER)
+            stats = httpx.get(f"http://127.0.0.1:{data['serve']['haproxy_stats_port']}/stats", timeout=30)
+            assert stats.status_code == 200 and "HAProxy" in stats.text, stats.text[:300]
 
             status = steps.timed("ray exec senmon status", run_launcher, [
                 "exec", str(cluster_file), f"cd ~/senmon && senmon --config {config_on_node} status"],
