@@ -269,6 +269,10 @@ def run_up(config: SenmonConfig, **parts) -> int:
     with start_system(config, say=lambda m: print("    " + m, flush=True), **parts) as system:
         stop_on_signals()  # ray.init() made SIGTERM sys.exit(15): 'senmon down' would skip the orderly stop below
         written = _write_state(config, system.url)
+        if config.ray.address:  # a cluster's Ray, started by someone else: say which front door it runs
+            from senmon.cluster import front_door_line
+
+            print("    " + front_door_line(config), flush=True)
         print(f"==> senmon is up: {system.url} (OpenAI API at /v1), Kafka {', '.join(config.kafka.bootstrap_servers)}; "
               f"'senmon status', 'senmon ask', 'senmon ingest FILE', 'senmon down' from another terminal", flush=True)
         try:
@@ -339,8 +343,11 @@ def cmd_status(args, config: SenmonConfig) -> int:
     if state is None:
         print(f"senmon is not up (storage root {config.storage_root}); versions from the registry file:")
     else:
+        from senmon.cluster import front_door_line
+
         _connect(state)
         print(f"senmon is up since {state['started_at']}: {state['url']}, Ray {state['ray_address']}")
+        print(front_door_line(config))
         registry, scheduler, ingest = (find_actor(name, None) for name in (REGISTRY, SCHEDULER, INGEST))
     status = asyncio.run(collect_status(config, registry, scheduler, ingest))  # the same data as GET /status/data
     _print_table(TABLE_HEADERS, table_rows(status))

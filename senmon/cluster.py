@@ -87,6 +87,30 @@ def ray_start_environment(config: SenmonConfig, uid: int | None = None) -> dict[
     }
 
 
+def running_ingress(timeout_s: float = 60.0) -> str:
+    """The HTTP front door Serve runs with on the connected Ray: 'haproxy' or 'proxy'. A task finds in its
+    environment what its node's `ray start` had, which is what Serve read."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def enabled() -> str:
+        return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0")
+
+    return "haproxy" if ray.get(enabled.remote(), timeout=timeout_s) == "1" else "proxy"
+
+
+def front_door_line(config: SenmonConfig) -> str:
+    """What `senmon status` and `senmon up` say of the front door; a cluster whose Ray was started without
+    `senmon ray-env` while the config asks for HAProxy is named, with what to do."""
+    names = {"haproxy": "Ray's HAProxy", "proxy": "Serve's proxy"}
+    running = running_ingress()
+    line = f"front door: {names[running]} (serve.ingress: {config.serve.ingress})"
+    if running != config.serve.ingress:
+        line += ("; Ray was started without what `senmon ray-env` prints, so the config's front door is not the one "
+                 "serving: restart Ray in that environment (cluster.yaml's `ray start` lines do)")
+    return line
+
+
 def export_lines(environment: dict[str, str]) -> str:
     """`environment` as shell `export` lines (what `senmon ray-env` prints, for `eval`)."""
     return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in environment.items())

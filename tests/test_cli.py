@@ -151,6 +151,7 @@ def test_status_from_another_terminal_passes_ray_token_auth(tmp_path, embedded_c
         assert status.returncode == 0, status.stderr
         assert "InvalidAuthToken" not in status.stderr
         assert f"senmon is up since {state['started_at']}" in status.stdout, status.stdout
+        assert "front door: Serve's proxy (serve.ingress: proxy)\n" in status.stdout, status.stdout
         [line] = [line for line in status.stdout.splitlines() if line.startswith("japanese ")]
         assert line.split()[1:3] == ["v1", "123.4"], status.stdout
     finally:

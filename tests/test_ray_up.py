@@ -271,6 +271,8 @@ def test_ray_up_runs_the_cluster_commands_end_to_end(node, tmp_path):
                 launcher_env, log, 180)
             printed = "\n".join(line for _, line in status)
             assert "senmon is up since" in printed, printed
+            assert "front door: Ray's HAProxy (serve.ingress: haproxy)" in printed, printed  # what Ray runs, asked
+            assert "front door: Ray's HAProxy (serve.ingress: haproxy)" in up_log.read_text(), read_tail(up_log)
             assert set(dict(MODEL_ROW.findall(printed))) == {"generalist", "law"}, printed
 
             # ray.address: auto joined the cluster that `ray up` started, the one Ray of this user
