@@ -242,7 +242,7 @@ def serve_mode() -> dict:
     """The Serve settings this driver's Ray runs with (the driver's environment, which its local Ray passes on)."""
     from ray.serve._private import constants as c
 
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": c.RAY_SERVE_THROUGHPUT_OPTIMIZED,
+    return {"haproxy": c.RAY_SERVE_ENABLE_HA_PROXY, "RAY_SERVE_THROUGHPUT_OPTIMIZED": c.RAY_SERVE_THROUGHPUT_OPTIMIZED,
             "direct_ingress": c.RAY_SERVE_ENABLE_DIRECT_INGRESS, "grpc_between_deployments": c.RAY_SERVE_USE_GRPC_BY_DEFAULT,
             "user_code_in_separate_thread": c.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD,
             "router_in_separate_loop": c.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP,
@@ -584,6 +584,7 @@ def main() -> None:
         swaps["blue_green"] = swap_under_load(served.url, blue_green, "law",
                                               ray.get(registry.promote.remote("law", 3, 0.01)), clients=8)
         results["swaps"] = swaps
+        results["swaps_serve_mode"] = dict(serve_mode(), label=args.label)
     shutdown(config)
     ray.kill(registry)
 
