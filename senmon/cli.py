@@ -266,22 +266,26 @@ def run_up(config: SenmonConfig, **parts) -> int:
 
     stop_on_signals()
     print(f"==> starting senmon ({'cluster at ' + config.ray.address if config.ray.address else 'embedded stack'})")
-    with start_system(config, say=lambda m: print("    " + m, flush=True), **parts) as system:
-        stop_on_signals()  # ray.init() made SIGTERM sys.exit(15): 'senmon down' would skip the orderly stop below
-        written = _write_state(config, system.url)
-        if config.ray.address:  # a cluster's Ray, started by someone else: say which front door it runs
-            from senmon.cluster import front_door_line
+    written: list = []
+    try:
+        with start_system(config, say=lambda m: print("    " + m, flush=True), **parts) as system:
+            stop_on_signals()  # ray.init() made SIGTERM sys.exit(15): 'senmon down' would skip the orderly stop below
+            written = _write_state(config, system.url)
+            if config.ray.address:  # a cluster's Ray, started by someone else: say which front door it runs
+                from senmon.cluster import front_door_line
 
-            print("    " + front_door_line(config), flush=True)
-        print(f"==> senmon is up: {system.url} (OpenAI API at /v1), Kafka {', '.join(config.kafka.bootstrap_servers)}; "
-              f"'senmon status', 'senmon ask', 'senmon ingest FILE', 'senmon down' from another terminal", flush=True)
-        try:
-            while not stop.wait(1.0):
-                pass
-        finally:
-            print("==> stopping senmon", flush=True)
-            for path in written:
-                path.unlink(missing_ok=True)
+                print("    " + front_door_line(config), flush=True)
+            print(f"==> senmon is up: {system.url} (OpenAI API at /v1), Kafka "
+                  f"{', '.join(config.kafka.bootstrap_servers)}; 'senmon status', 'senmon ask', 'senmon ingest FILE', "
+                  f"'senmon down' from another terminal", flush=True)
+            try:
+                while not stop.wait(1.0):
+                    pass
+            finally:
+                print("==> stopping senmon", flush=True)
+    finally:  # the record goes once everything has stopped, so `senmon down` returns when the stop is done
+        for path in written:
+            path.unlink(missing_ok=True)
     print("==> stopped")
     return 0
 

@@ -328,9 +328,16 @@ def test_ray_up_runs_the_cluster_commands_end_to_end(node, tmp_path):
                     launcher_env, log, 120)
             except AssertionError as error:
                 down_error = error
+            # `senmon down` returns once `senmon up` has stopped (Serve's shutdown with HAProxy takes its 30 s),
+            # not when it starts stopping
+            deadline = time.monotonic() + 5  # the record goes just before the process exits
+            while (up_after_down := [p for p in user_processes(USER) if "up --cluster" in p and "python" in p.split()[1]]) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
             try:
                 steps.timed("ray down -y", run_launcher, ["down", "-y", str(cluster_file)], launcher_env, log, 300)
             finally:
                 left = steps.timed("wait until the user runs nothing", wait_until_gone, USER, 90)
         assert down_error is None, down_error
+        assert not up_after_down, up_after_down
         assert not left, f"left running after ray down: {left}"
