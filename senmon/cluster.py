@@ -103,7 +103,11 @@ def front_door_line(config: SenmonConfig) -> str:
     """What `senmon status` and `senmon up` say of the front door; a cluster whose Ray was started without
     `senmon ray-env` while the config asks for HAProxy is named, with what to do."""
     names = {"haproxy": "Ray's HAProxy", "proxy": "Serve's proxy"}
-    running = running_ingress()
+    try:
+        running = running_ingress()
+    except Exception as error:  # noqa: BLE001 - status goes on without it
+        why = f"{type(error).__name__}: {str(error)[:200]}"
+        return f"front door: not known ({why}) (serve.ingress: {config.serve.ingress})"
     line = f"front door: {names[running]} (serve.ingress: {config.serve.ingress})"
     if running != config.serve.ingress:
         line += ("; Ray was started without what `senmon ray-env` prints, so the config's front door is not the one "

@@ -156,3 +156,10 @@ def test_status_names_a_front_door_that_is_not_the_configured_one(make_config, e
         "senmon ray-env" in line, line
     monkeypatch.setattr(cluster_module, "running_ingress", lambda: "haproxy")
     assert cluster_module.front_door_line(config) == "front door: Ray's HAProxy (serve.ingress: haproxy)"
+
+    def unreachable():
+        raise TimeoutError("Get timed out")
+
+    monkeypatch.setattr(cluster_module, "running_ingress", unreachable)  # status goes on, and says so
+    assert cluster_module.front_door_line(config) == \
+        "front door: not known (TimeoutError: Get timed out) (serve.ingress: haproxy)"
