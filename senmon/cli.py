@@ -135,9 +135,11 @@ def cmd_eval(args, config: SenmonConfig) -> int:
 
     from senmon.actors.registry import serving_records_from_file
     from senmon.system import model_names
-    from senmon.train.evaluate import compare_on_file, read_eval_file
+    from senmon.train.eval_input import read_eval_file
 
-    by_domain = read_eval_file(args.file)
+    by_domain = read_eval_file(args.file)  # a bad file is refused before torch loads
+    from senmon.train.evaluate import compare_on_file
+
     # read-only: the registry's durable file says what serves; no Ray needed to evaluate on this machine
     serving = serving_records_from_file(config.storage_root, model_names(config))
 

@@ -44,6 +44,19 @@ def test_bad_config_is_one_line_not_a_traceback(tmp_path):
     assert "specialists" in result.stderr
 
 
+def test_a_bad_eval_file_is_refused_before_torch_loads(tmp_path):
+    """`senmon eval` checks its file first, in a module that loads neither torch nor transformers (seconds
+    here), so a bad line is named at once; tests/test_train.py runs the whole command on a good file."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "domain": "law"}\n{"text": "no domain"}\n', encoding="utf-8")
+    probe = ("import sys; from senmon.train.eval_input import EvalInputError, read_eval_file\n"
+             "try:\n    read_eval_file(sys.argv[1])\nexcept EvalInputError as error:\n    print(error)\n"
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"{bad}:2: needs a string 'domain'", "[]"], out.stdout
+
+
 def test_data_loads_and_summarises_every_domain(tmp_path, embedded_config_data):
     result = senmon("data", config=write_config(tmp_path, embedded_config_data))
     assert result.returncode == 0, result.stderr
