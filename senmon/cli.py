@@ -303,6 +303,8 @@ def cmd_down(args, config: SenmonConfig) -> int:
         _state_path(config).unlink(missing_ok=True)  # the record of a `senmon up` that was killed
         return 0
     os.kill(state["pid"], signal.SIGTERM)
+    print(f"stopping senmon (pid {state['pid']}); it stops its parts in order (with HAProxy, Serve alone takes 30 s)",
+          flush=True)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline and _running(config):
         time.sleep(0.5)
