@@ -82,8 +82,9 @@ def test_round_trip_keeps_features_and_scores(words_chars_model):
 
 
 def test_fast_scores_equal_the_classifiers_own_probabilities(words_chars_model):
-    """scores() multiplies by pre-transposed weights; it must give exactly what predict_proba gives."""
-    sample = [t for ts in texts("test", 4).values() for t in ts]
+    """scores() hashes each text's features itself and reads only their rows of the pre-transposed weights; it
+    must give exactly what predict_proba gives on scikit-learn's own features, texts without any n-gram included."""
+    sample = [t for ts in texts("test", 4).values() for t in ts] + ["", " ", "!!!", "日本語", "a"]
     binary = RoutingModel.train({"law": texts("train", 10)["law"], "code": texts("train", 10)["code"]}, seed=0)
     for model in (words_chars_model, binary):
         expected = model.classifier.predict_proba(model.vectorizer.transform(sample))

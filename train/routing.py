@@ -11,7 +11,9 @@ prompt length (one of them with its markup characters stripped) as well as whole
 routes as well as a long document. bench/routing.py measures it against the first model (CHAR13: char
 1-3-grams of the lower-cased text, logistic regression; still loadable) on sources the corpus does not use;
 docs/serving.md has the numbers.
-Predicting one prompt takes about a millisecond or two.
+Predicting one prompt takes about a millisecond: `RoutingModel.scores` hashes each text's features itself
+(`hashed_features`, the same numbers as scikit-learn's HashingVectorizer, which spends 1.5 ms of checks and sparse
+matrix building on one short text) and reads only those rows of the weights.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from scipy.special import expit, softmax
 from sklearn.dummy import DummyClassifier
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.utils import murmurhash3_32
 
 SNIPPET_CHARS = (40, 300)  # prompt-like lengths cut from each training document
 SNIPPETS_PER_DOC = 3
@@ -82,6 +85,18 @@ def vectorizer(features: str = CHAR13):
     raise ValueError(f"unknown routing features {features!r}; choose from {', '.join(FEATURES)}")
 
 
+def hashed_features(grams: list[str], n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """One text's features as HashingVectorizer(alternate_sign=False, norm="l2") computes them: the column of each
+    n-gram (the absolute value of its signed 32-bit MurmurHash3, seed 0, modulo `n_features`), the counts of each
+    column, l2-normalised. Returns (columns, values); no columns for a text without n-grams."""
+    columns, counts = np.unique(np.fromiter((abs(murmurhash3_32(g, seed=0)) % n_features for g in grams),
+                                            dtype=np.int64, count=len(grams)), return_counts=True)
+    values = counts.astype(np.float64)
+    if values.size:
+        values /= np.sqrt(values @ values)
+    return columns, values
+
+
 def snippets(text: str, rng: random.Random, count: int = SNIPPETS_PER_DOC) -> list[str]:
     pieces = [text]
     for _ in range(count):
@@ -120,6 +135,7 @@ class RoutingModel:
         self.meta = meta
         self.features = meta.get("features", CHAR13)  # models saved before features had names are CHAR13
         self.vectorizer = vectorizer(self.features)
+        self._analyzer = self.vectorizer.build_analyzer()
         self.labels: list[str] = [str(label) for label in classifier.classes_]
         self._weights = self._bias = None
         if hasattr(classifier, "coef_"):  # not the one-specialist model
@@ -157,7 +173,11 @@ class RoutingModel:
         """Class probabilities per text, as the classifier's predict_proba computes them."""
         if self._weights is None:  # the one-specialist model
             return np.ones((len(texts), 1))
-        decision = np.asarray(self.vectorizer.transform(texts) @ self._weights) + self._bias
+        decision = np.empty((len(texts), self._weights.shape[1]))
+        for row, text in enumerate(texts):  # the rows of the weights each text's features select
+            columns, values = hashed_features(self._analyzer(text), self.vectorizer.n_features)
+            decision[row] = values @ self._weights[columns]
+        decision += self._bias
         if decision.shape[1] == 1:  # two classes: one logit
             positive = expit(decision[:, 0])
             return np.column_stack([1 - positive, positive])
