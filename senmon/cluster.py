@@ -87,29 +87,37 @@ def ray_start_environment(config: SenmonConfig, uid: int | None = None) -> dict[
     }
 
 
-def running_ingress(timeout_s: float = 60.0) -> str:
-    """The HTTP front door Serve runs with on the connected Ray: 'haproxy' or 'proxy'. A task finds in its
-    environment what its node's `ray start` had, which is what Serve read."""
+def running_ingress() -> str | None:
+    """The HTTP front door Serve runs on the connected Ray: 'haproxy', 'proxy', or None while Serve runs no
+    proxy. Serve's proxy actors are named SERVE_PROXY_ACTOR-<node> in its namespace, whichever class they are;
+    their class says which front door it is (a look-up in the GCS: no task, no worker to start)."""
     import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE, SERVE_PROXY_NAME
 
-    @ray.remote(num_cpus=0)
-    def enabled() -> str:
-        return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0")
-
-    return "haproxy" if ray.get(enabled.remote(), timeout=timeout_s) == "1" else "proxy"
+    classes = set()
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == SERVE_NAMESPACE and actor["name"].startswith(SERVE_PROXY_NAME):
+            try:
+                handle = ray.get_actor(actor["name"], namespace=SERVE_NAMESPACE)
+            except ValueError:  # gone since it was listed
+                continue
+            classes.add(handle._ray_actor_creation_function_descriptor.class_name)
+    if not classes:
+        return None
+    return "haproxy" if any("HAProxy" in name for name in classes) else "proxy"
 
 
 def front_door_line(config: SenmonConfig) -> str:
     """What `senmon status` and `senmon up` say of the front door; a cluster whose Ray was started without
     `senmon ray-env` while the config asks for HAProxy is named, with what to do."""
-    names = {"haproxy": "Ray's HAProxy", "proxy": "Serve's proxy"}
+    names = {"haproxy": "Ray's HAProxy", "proxy": "Serve's proxy", None: "none (Serve runs no proxy)"}
     try:
         running = running_ingress()
     except Exception as error:  # noqa: BLE001 - status goes on without it
         why = f"{type(error).__name__}: {str(error)[:200]}"
         return f"front door: not known ({why}) (serve.ingress: {config.serve.ingress})"
     line = f"front door: {names[running]} (serve.ingress: {config.serve.ingress})"
-    if running != config.serve.ingress:
+    if running is not None and running != config.serve.ingress:
         line += ("; Ray was started without what `senmon ray-env` prints, so the config's front door is not the one "
                  "serving: restart Ray in that environment (cluster.yaml's `ray start` lines do)")
     return line

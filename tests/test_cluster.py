@@ -145,7 +145,7 @@ def test_every_part_of_the_repository_is_synced_to_the_nodes_or_deliberately_not
 def test_status_names_a_front_door_that_is_not_the_configured_one(make_config, embedded_config_data, monkeypatch):
     """A cluster whose Ray was started by hand, without `senmon ray-env`, runs Serve's proxy while the config asks
     for HAProxy: the line `senmon status` and `senmon up` print says so and what to do (what Ray runs is asked of
-    Ray itself in tests/test_cli.py and tests/test_ray_up.py)."""
+    Ray itself in tests/test_serve.py, tests/test_cli.py and tests/test_ray_up.py)."""
     import senmon.cluster as cluster_module
 
     config = make_config(ray=dict(embedded_config_data["ray"], address="auto"),
@@ -156,6 +156,9 @@ def test_status_names_a_front_door_that_is_not_the_configured_one(make_config, e
         "senmon ray-env" in line, line
     monkeypatch.setattr(cluster_module, "running_ingress", lambda: "haproxy")
     assert cluster_module.front_door_line(config) == "front door: Ray's HAProxy (serve.ingress: haproxy)"
+
+    monkeypatch.setattr(cluster_module, "running_ingress", lambda: None)  # Serve not started: nothing to compare
+    assert cluster_module.front_door_line(config) == "front door: none (Serve runs no proxy) (serve.ingress: haproxy)"
 
     def unreachable():
         raise TimeoutError("Get timed out")

@@ -308,6 +308,14 @@ def test_api_keys_and_admin_key(served):
     assert_openai_error(httpx.get(served[2].url + "/v1/nowhere", headers={"Authorization": f"Bearer {API_KEY}"}), 404)
 
 
+def test_the_front_door_is_named_from_serves_own_proxy_actors(served):
+    """What `senmon status` says of the front door, asked of the running Serve (its proxy actors' class)."""
+    from senmon.cluster import front_door_line, running_ingress
+
+    assert running_ingress() == "proxy"
+    assert front_door_line(served[0]) == "front door: Serve's proxy (serve.ingress: proxy)"
+
+
 def test_keys_never_in_responses_or_ray_logs(served):
     """The API key, the admin key and a wrong key (with a marker no other test sends) go to /v1 and
     /admin routes that answer 200, 400, 401, 403, 404 and 409: no response body or header carries
