@@ -399,6 +399,7 @@ def swap_under_load(url: str, config, model: str, record: dict, clients: int, qu
 
     results: list[tuple[float, float, int]] = []
     stop = threading.Event()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # as in `overhead`: no log line per request in the driver
 
     def load(prompt: str) -> None:
         with httpx.Client(timeout=300, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
