@@ -89,8 +89,10 @@ class RegistryState:
         versions.append(record)
         return copy.deepcopy(record)
 
-    def promote(self, specialist: str, version: int, margin: float, metric: str = "val_ppl", force: bool = False) -> dict:
-        """The gate: lower `metric` is better; a candidate must beat the serving one by `margin` (relative)."""
+    def promote(self, specialist: str, version: int, margin: float, metric: str = "val_ppl", force: bool = False,
+                reason: str | None = None) -> dict:
+        """The gate: lower `metric` is better; a candidate must beat the serving one by `margin` (relative).
+        `force` skips it; `reason` then says why (default: promoted by force)."""
         record = self.get(specialist, version)
         serving = next((r for r in self.records[specialist] if r["status"] == "serving"), None)
         if serving is record:
@@ -99,7 +101,8 @@ class RegistryState:
             raise RegistryError(f"{specialist} v{version} was rejected ({record['reason']}); promote it with force")
         value = record["metrics"].get(metric)
         if force:
-            reason = f"promoted by force over {'v%d' % serving['version'] if serving else 'nothing'}"
+            reason = (reason + "; " if reason else "") + \
+                f"promoted by force over {'v%d' % serving['version'] if serving else 'nothing'}"
         elif serving is None:
             reason = "first version"
         else:
@@ -195,8 +198,9 @@ class ModelRegistry:
     def register(self, specialist: str, run_id: str, path: str, metrics: dict, sizing: dict, data: dict) -> dict:
         return self._apply("register", specialist, run_id, path, metrics, sizing, data)
 
-    def promote(self, specialist: str, version: int, margin: float, metric: str = "val_ppl", force: bool = False) -> dict:
-        record = self._apply("promote", specialist, version, margin, metric=metric, force=force)
+    def promote(self, specialist: str, version: int, margin: float, metric: str = "val_ppl", force: bool = False,
+                reason: str | None = None) -> dict:
+        record = self._apply("promote", specialist, version, margin, metric=metric, force=force, reason=reason)
         record_promotion(specialist, record["status"])
         return record
 

@@ -278,6 +278,12 @@ class GeneralistConfig(_Strict):
     name: str = Field("generalist", pattern=NAME_PATTERN)
     size: SizeConfig = SizeConfig()
     serving: ServingConfig = ServingConfig()
+    fallback: Literal["merged", "seed"] = Field(
+        "merged", description="What the generalist serves, the model `auto` falls back to: 'merged', the average of "
+                              "the specialists' parameters (Branch-Train-Merge; made when senmon starts, see "
+                              "train/merge.py), or 'seed', the model every specialist branched from. 'merged' "
+                              "needs training.specialists_from: seed (specialists from scratch leave the seed "
+                              "serving).")
 
 
 class BranchConfig(_Strict):

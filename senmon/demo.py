@@ -3,8 +3,9 @@
 1. start local Ray and the embedded Kafka-protocol broker; seed the dataset store from the
    shipped corpus, holding back part of one domain's training documents ("the stream");
 2. train the shared tokenizer, the generalist (the seed) and every specialist branched from it
-   (Ray Train), register them, and show each specialist's perplexity on its own domain next to
-   the fallback's;
+   (Ray Train), register them, make the fallback (with `generalist.fallback: merged`, the average
+   of the specialists, train/merge.py), and show each specialist's perplexity on its own domain
+   next to the fallback's;
 3. serve them (router + one vLLM engine per model on Ray Serve) and ask a question of each domain,
    showing which specialist answered and how sure the router was;
 4. stream the held-back documents through Kafka; the ingest actors write them to the dataset,

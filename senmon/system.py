@@ -109,6 +109,7 @@ def train_missing(config: SenmonConfig, registry, say: Callable[[str], None] = p
     records = {name: ray.get(registry.current.remote(name)) for name in model_names(config)}
     missing = [name for name, record in records.items() if record is None]
     if not missing:
+        merge_fallback(config, registry, records, say)
         return records
     tokenizer_json(config)  # shared by every job; trained once here rather than raced by each
     namespace = ray.get_runtime_context().namespace
@@ -140,7 +141,26 @@ def train_missing(config: SenmonConfig, registry, say: Callable[[str], None] = p
                 f"{record['data']['tokens_seen']:,} tokens, val ppl {metrics['val_ppl']:.1f}, "
                 f"{time.monotonic() - started[name]:.0f} s ({record['status']})")
             records[name] = record
+    merge_fallback(config, registry, records, say)
     return records
+
+
+def merge_fallback(config: SenmonConfig, registry, records: dict[str, dict], say: Callable[[str], None] = print) -> None:
+    """With `generalist.fallback: merged`: make the generalist a merge of the serving specialists if it is not one
+    of exactly these versions yet (train/merge.py), and put its record in `records` when the gate lets it serve."""
+    from senmon.train.merge import merge_and_register
+
+    started = time.monotonic()
+    record = merge_and_register(config, registry)
+    if record is None:
+        return
+    merged = ", ".join(f"{name} v{version}" for name, version in record["data"]["merged_from"].items())
+    seed = record["data"]["seed"]["version"]
+    say(f"  {record['specialist']} v{record['version']}: the average of {merged} (the fallback; the seed, v{seed}, "
+        f"stays the branch point), val ppl {record['metrics']['val_ppl']:.1f}, {time.monotonic() - started:.0f} s "
+        f"({record['status']}{': ' + record['reason'] if record['status'] != 'serving' and record.get('reason') else ''})")
+    if record["status"] == "serving":
+        records[config.generalist.name] = record
 
 
 @dataclass

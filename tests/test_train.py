@@ -204,6 +204,43 @@ def test_start_from_a_local_hugging_face_directory(trained, tmp_path):
     assert record["data"]["tokenizer"] == "from the initial checkpoint"
 
 
+def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_stays_their_branch_point(trained):
+    """`generalist.fallback: merged` (train/merge.py): the serving specialists' average is registered as the
+    generalist's next version, with its own probe reference and validation perplexity on every domain, and passes
+    the gate; branches and a continued generalist still start from the seed; no second merge of the same versions."""
+    from senmon.train.job import resolve_init, train_and_register
+    from senmon.train.merge import merge_and_register, seed_record, wanted_merge
+    from senmon.train.reference import check_checkpoint, load_reference
+
+    config, registry, _, seed = trained
+    assert config.generalist.fallback == "merged"  # the default
+    branch = train_and_register(config, "japanese", registry, init="seed")  # a branch, whatever japanese served before
+    ray.get(registry.promote.remote("japanese", branch["version"], 0.0, force=True))
+    law = ray.get(registry.current.remote("law"))
+    try:
+        assert wanted_merge(config, registry) == {"law": law["version"], "japanese": branch["version"]}
+        merged = merge_and_register(config, registry)
+        assert merged["status"] == "serving" and merged["version"] > seed["version"]  # the configured fallback
+        assert "generalist.fallback: merged" in merged["reason"] and f"{merged['metrics']['val_ppl']:.1f}" in merged["reason"]
+        assert set(merged["metrics"]["val_ppl_by_domain"]) == {"law", "japanese"}
+        assert merged["data"]["merged_from"] == {"law": law["version"], "japanese": branch["version"]}
+        assert merged["data"]["seed"]["version"] == seed["version"] and merged["sizing"]["shape"] == seed["sizing"]["shape"]
+        assert check_checkpoint(merged["path"], load_reference(merged["path"]), 1e-4) is None
+        # each specialist still predicts its own domain better than the fallback does
+        assert law["metrics"]["val_ppl"] < merged["metrics"]["val_ppl_by_domain"]["law"]
+
+        assert seed_record(registry, config)["version"] == seed["version"]
+        assert resolve_init(config, registry, "law", "seed").record["version"] == seed["version"]
+        assert resolve_init(config, registry, "generalist", "current").record["version"] == seed["version"]
+        assert wanted_merge(config, registry) is None and merge_and_register(config, registry) is None
+        as_seed = parse_config(dict(config.model_dump(), generalist=dict(config.generalist.model_dump(), fallback="seed")),
+                               source="test")
+        assert wanted_merge(as_seed, registry) is None
+    finally:
+        ray.get(registry.rollback.remote("generalist"))  # the seed serves again
+    assert ray.get(registry.current.remote("generalist"))["version"] == seed["version"]
+
+
 def test_cli_train_history_and_eval_on_unseen_file(tmp_path, embedded_config_data):
     """`senmon train`, `senmon history` and `senmon eval` as a user runs them (each starts its own Ray)."""
     from test_serve import small_corpus

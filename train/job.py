@@ -31,6 +31,7 @@ from senmon.storage import filesystem, read_bytes, write_atomic
 from .branch import SEED_FLOOR, branch_schedule, plan_budget
 from .data import token_blocks
 from .loop import Schedule
+from .merge import seed_record
 from .sizing import Shape, choose_size
 from .tokenizer import train_tokenizer
 
@@ -313,13 +314,13 @@ def resolve_init(config: SenmonConfig, registry, name: str, init: str | None) ->
         if name == seed_name:
             raise ValueError(f"{name} is the seed the specialists branch from; train it from scratch or continue it "
                              "(--init current)")
-        seed = ray.get(registry.current.remote(seed_name))
+        seed = seed_record(registry, config)  # the serving generalist, or the seed a serving merge was made beside
         if seed is None:
             raise ValueError(f"{name} branches from the seed, {seed_name}, which has no serving version yet; train it "
                              f"first (senmon train {seed_name}) or train {name} alone (--init scratch)")
         return Start("seed", seed["path"], seed)
-    if init == "current":
-        current = ray.get(registry.current.remote(name))
+    if init == "current":  # the generalist continues its seed, not the merged fallback (train/merge.py)
+        current = seed_record(registry, config) if name == seed_name else ray.get(registry.current.remote(name))
         if current is None:
             raise ValueError(f"{name} has no serving version to continue from; train it first")
         return Start("current", current["path"], current)
