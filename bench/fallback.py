@@ -1,37 +1,43 @@
-"""Would a decayed generalist make the fallback the right answer for text of no domain?
+"""Which fallback makes "text of no domain -> the fallback" the right answer: the seed, a decayed seed or a merge?
 
-    python -m bench fallback [--models ROOT] [--steps 38,76]   # -> bench/results/fallback.json
+    python -m bench fallback [--models ROOT] [--steps 38,76] [--merged]   # -> bench/results/fallback.json
 
-senmon's fallback is the seed: the generalist trained on every domain at a constant learning rate, which each
-specialist then decays on its own domain (train/branch.py). On text of no domain, every specialist predicts
-better than that undecayed seed, so sending such text to the fallback (the routing goal) makes answers worse.
-This benchmark tests the obvious remedy: a *decayed generalist*, the seed trained for `--steps` more steps on the
-pooled training data with a branch's decaying schedule (38 is one branch's budget at the demo's sizes, so it
-costs what one more specialist costs), and asks, on the answer-quality rows of bench/routing.py (route on a
-whole document's first 64 tokens, score the next ones):
+The seed is the generalist trained on every domain at a constant learning rate, which each specialist then
+decays on its own domain (train/branch.py). On text of no domain, every specialist predicts better than that
+undecayed seed, so sending such text to the seed (the routing goal) makes answers worse. Two remedies:
+- a *decayed generalist* (`--steps`): the seed trained for more steps on the pooled training data with a branch's
+  decaying schedule (38 is one branch's budget at the demo's sizes, so it costs what one more specialist costs);
+- a *merged* model (`--merged`): the average of the specialists' parameters (Branch-Train-Merge, train/merge.py),
+  with and without the seed; it costs no training. `generalist.fallback: merged` serves it.
+On the answer-quality rows of bench/routing.py (route on a whole document's first 64 tokens, score the next ones)
+it asks:
 
-- how it does alone, against the seed ("always");
+- how each does alone, against the seed ("always");
 - how the routing policies do when it is the fallback: the classifier alone at its threshold, the router
   (classifier + likelihood second opinion, serve settings), and the best model in hindsight (oracle);
 - how often each policy, and the oracle, send a document to the fallback: where the oracle rarely picks the
   fallback even for no-domain text, no routing goal of "no domain -> fallback" can agree with answer quality.
 
-All perplexities are relative to always asking the seed. It needs a trained system (`--models`, a storage root;
-default: the embedded config's, which `make demo` fills) and the held-out sources (var/sources).
+All perplexities are relative to always asking the seed (when the storage root serves a merge, the seed it names).
+It needs a trained system (`--models`, a storage root; default: the embedded config's, which `make demo` fills) and
+the held-out sources (var/sources).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
 from bench.common import table, write_results
 from bench.routing import DOMAINS, answer_rows, evaluation_items, load, nll_all, scorer_for, train_variant
+from senmon.train.merge import merge_weights
 from senmon.train.routing import WORDS_CHARS
 
 SEED = "generalist"
@@ -81,13 +87,20 @@ def choose(row: dict, best: str, confidence: float, policy: str, fallback: str, 
 
 
 def main() -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
     from senmon.actors.registry import serving_records_from_file
     from senmon.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=None, help="storage root of a trained system (default: the embedded "
                                                        "config's, which `make demo` fills)")
-    parser.add_argument("--steps", default="38,76", help="comma-separated step counts of decayed generalists")
+    parser.add_argument("--steps", default="38,76", help="comma-separated step counts of decayed generalists "
+                                                         "('' for none)")
+    parser.add_argument("--merged", action="store_true",
+                        help="also try merged fallbacks: the average of the specialists' parameters, with and "
+                             "without the seed")
     args = parser.parse_args()
     config = load_config()
     models_root = args.models or config.storage_root
@@ -95,10 +108,22 @@ def main() -> None:
     corpus, extra = load()
     evaluation = evaluation_items(corpus, extra)
     scorer, versions = scorer_for(models_root, serve.likelihood_tokens)
-    seed_path = serving_records_from_file(models_root, [SEED])[SEED]["path"]
+    serving = serving_records_from_file(models_root, [SEED])[SEED]
+    if serving.get("data", {}).get("merged_from"):  # the fallback serves a merge (train/merge.py): compare its seed
+        seed_path = serving["data"]["seed"]["path"]
+        scorer.add(SEED, LlamaForCausalLM.from_pretrained(seed_path, torch_dtype=torch.float32).eval(), seed_path)
+    else:
+        seed_path = serving["path"]
     fallbacks, train_s = [SEED], {}
     with tempfile.TemporaryDirectory() as scratch:
-        for steps in [int(s) for s in args.steps.split(",")]:
+        if args.merged:
+            specialist_paths = [r["path"] for r in serving_records_from_file(models_root, DOMAINS).values()]
+            for name, paths in (("merged", specialist_paths), ("merged+seed", specialist_paths + [seed_path])):
+                started = time.monotonic()
+                scorer.add(name, merge_weights(paths), seed_path)
+                train_s[name] = round(time.monotonic() - started, 1)
+                fallbacks.append(name)
+        for steps in [int(s) for s in args.steps.split(",") if s]:
             name = f"decayed-{steps}"
             started = time.monotonic()
             scorer.add(name, decayed_generalist(config, models_root, seed_path, steps, f"{scratch}/{name}"), seed_path)
@@ -130,6 +155,13 @@ def main() -> None:
     print(table(["fallback / policy", *GROUPS], [[name] + [
         f"{r[g]['ppl_vs_seed']:.3f} ({r[g]['to_fallback']:.0%})" if g in r else "-" for g in GROUPS]
         for name, r in results.items()]))
+    previous = Path(__file__).resolve().parent / "results" / "fallback.json"
+    if previous.exists():  # fallbacks not tried this time: kept from the run that measured them, marked so
+        earlier = json.loads(previous.read_text(encoding="utf-8"))
+        for name, r in earlier.get("results", {}).items():
+            if name not in results and not name.startswith(SEED + " /"):
+                results[name] = {**r, "measured": r.get("measured", earlier.get("when")),
+                                 "models": r.get("models", earlier.get("models"))}  # another training run's models
     path = write_results("fallback", {"models": versions, "steps": args.steps, "train_s": train_s,
                                       "settings": {"confidence_threshold": serve.confidence_threshold,
                                                    "second_opinion_below": serve.second_opinion_below,
