@@ -90,6 +90,7 @@ def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_
     from test_serve import NOT_SCRAPED
 
     from senmon import demo
+    from senmon.actors.registry import serving_records_from_file
     from senmon.ingest.store import DatasetStore
 
     monkeypatch.setenv("SENMON_PROGRESS", "1")  # the bars a terminal would show, drawn into captured stderr
@@ -111,6 +112,10 @@ def test_streamed_documents_retrain_and_swap_one_specialist_live(ray_local, e2e_
     rows = report["specialists_vs_fallback"]
     assert {r["specialist"] for r in rows} == {"law", "japanese"}
     assert all(r["start"] == "seed" and r["specialist_ppl"] < r["fallback_ppl"] for r in rows), rows
+    # the fallback is the merge of the first versions (train/merge.py); the seed stays the branch point
+    fallback = serving_records_from_file(e2e_config.storage_root, ["generalist"])["generalist"]
+    assert fallback["data"]["merged_from"] == {"law": 1, "japanese": 1} and fallback["data"]["seed"]["version"] == 1
+    assert all(r["fallback_version"] == fallback["version"] == 2 for r in rows), rows
     assert report["run"]["trigger"] == "new data" and report["run"]["outcome"] == "serving", report["run"]
     assert report["version_after"] == report["version_before"] + 1
     assert report["answered_by_after"] == str(report["version_after"])  # the new version answers

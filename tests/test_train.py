@@ -239,6 +239,7 @@ def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_sta
     finally:
         ray.get(registry.rollback.remote("generalist"))  # the seed serves again
     assert ray.get(registry.current.remote("generalist"))["version"] == seed["version"]
+    assert wanted_merge(config, registry) is None  # an operator's rollback stands until a specialist changes
 
 
 def test_cli_train_history_and_eval_on_unseen_file(tmp_path, embedded_config_data):

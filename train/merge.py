@@ -69,9 +69,10 @@ def merge_weights(directories: list[str], weights: list[float] | None = None):
 
 def wanted_merge(config: SenmonConfig, registry) -> dict[str, int] | None:
     """{specialist: serving version} to merge now, or None when no merge is due: the fallback is the seed, the
-    specialists did not branch from it, one of them serves no version yet, or the serving generalist (or the last
-    merge tried, whatever the gate said) is already a merge of exactly these versions. Only versions of the seed's
-    shape are merged: a specialist started from a directory of its own leaves the fallback as it is."""
+    specialists did not branch from it, one of them serves no version yet, or the last merge made is of exactly
+    these versions and was not replaced by a retrained seed (it serves, was refused, or an operator rolled it
+    back). Only versions of the seed's shape are merged: a specialist started from a directory of its own leaves
+    the fallback as it is."""
     if config.generalist.fallback != "merged" or config.training.specialists_from != "seed":
         return None
     records = {s.name: ray.get(registry.current.remote(s.name)) for s in config.specialists}
@@ -83,9 +84,9 @@ def wanted_merge(config: SenmonConfig, registry) -> dict[str, int] | None:
     versions = {name: r["version"] for name, r in records.items()}
     history = ray.get(registry.history.remote(config.generalist.name))
     last_merge = next((r for r in reversed(history) if is_merge(r)), None)
-    if last_merge is not None and last_merge["data"]["merged_from"] == versions:
-        return None
-    return versions
+    if last_merge is not None and last_merge["data"]["merged_from"] == versions and last_merge["status"] != "retired":
+        return None  # serving, refused, or rolled back by an operator: left as it is
+    return versions  # new versions, or the merge was replaced by a retrained seed
 
 
 @ray.remote(num_cpus=1, max_retries=0)
