@@ -23,18 +23,15 @@ It returns the same `TrainResult` as the full path, so registration and the gate
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict
 
 import numpy as np
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
 from senmon.config import SenmonConfig
 from senmon.ingest.store import DatasetStore
-from senmon.storage import filesystem
 
 from .data import pack
 
@@ -72,9 +69,8 @@ def fast_retrain(config: SenmonConfig, name: str, start, new_shards: list[str], 
 
     from .branch import branch_schedule
     from .evaluate import evaluate_directory
-    from .job import TrainResult, _checkpoint_uri, _continued_sizing, model_target, pooled_perplexity
+    from .job import TrainResult, _continued_sizing, model_target, pooled_perplexity, saved_checkpoint
     from .loop import Schedule, train_steps
-    from .reference import compute_reference, write_reference
     from .tokenizer import load_tokenizer
 
     training, settings = config.training, config.scheduler
@@ -110,23 +106,13 @@ def fast_retrain(config: SenmonConfig, name: str, start, new_shards: list[str], 
                         schedule, progress=training_progress(progress_board, f"{name} (fast retrain)", schedule.steps))
     timings["train_s"] = time.monotonic() - t0
 
-    t0 = time.monotonic()
-    fs, base = filesystem(config.storage_root)
-    destination = f"{base}/checkpoints/{run_id}/checkpoint"
     texts = {d: store.texts(d, "validation") for d in target.domains}
-    with tempfile.TemporaryDirectory() as local:
-        model.save_pretrained(local, safe_serialization=True)
-        tokenizer.save_pretrained(local)
-        write_reference(local, compute_reference(model, tokenizer))
-        fs.create_dir(destination, recursive=True)
-        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        timings["save_s"] = time.monotonic() - t0
+    with saved_checkpoint(model, tokenizer, config.storage_root, run_id, timings) as (local, checkpoint_path):
         t0 = time.monotonic()
         results = evaluate_directory(local, texts, training.seq_len)
     timings["eval_s"] = time.monotonic() - t0
     by_domain = {d: {"perplexity": r.perplexity, "tokens": r.tokens, "documents": r.documents} for d, r in results.items()}
 
-    checkpoint_path = _checkpoint_uri(config.storage_root, destination)
     tokens_seen = final["tokens_seen"]
     vocab_size = len(tokenizer)
     sizing = _continued_sizing(start, tokens_seen, vocab_size,

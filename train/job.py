@@ -11,14 +11,17 @@ and passes it through the registry's promotion gate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 from tokenizers import Tokenizer
 from ray.train import RunConfig, ScalingConfig
@@ -290,6 +293,26 @@ def _loop(cfg: dict) -> None:  # a module-level function Ray can pickle by refer
     from .loop import train_loop_per_worker
 
     train_loop_per_worker(cfg)
+
+
+@contextlib.contextmanager
+def saved_checkpoint(model, tokenizer, storage_root: str, run_id: str, timings: dict):
+    """Save `model` and `tokenizer`, with the probe reference (train/reference.py), as `run_id`'s checkpoint under
+    the storage root, outside Ray Train (the fast path, a merge); yields (a local copy of it, to evaluate, and its
+    path in the root's own form). `timings['save_s']`: how long the save took."""
+    from .reference import compute_reference, write_reference
+
+    started = time.monotonic()
+    fs, base = filesystem(storage_root)
+    destination = f"{base}/checkpoints/{run_id}/checkpoint"
+    with tempfile.TemporaryDirectory() as local:
+        model.save_pretrained(local, safe_serialization=True)
+        tokenizer.save_pretrained(local)
+        write_reference(local, compute_reference(model, tokenizer))
+        fs.create_dir(destination, recursive=True)
+        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        timings["save_s"] = time.monotonic() - started
+        yield local, _checkpoint_uri(storage_root, destination)
 
 
 def _checkpoint_uri(storage_root: str, path: str) -> str:
