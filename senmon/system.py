@@ -146,8 +146,8 @@ def train_missing(config: SenmonConfig, registry, say: Callable[[str], None] = p
 
 
 def merge_fallback(config: SenmonConfig, registry, records: dict[str, dict], say: Callable[[str], None] = print) -> None:
-    """With `generalist.fallback: merged`: make the generalist a merge of the serving specialists if it is not one
-    of exactly these versions yet (train/merge.py), and put its record in `records` when the gate lets it serve."""
+    """With `generalist.fallback: merged`: make the generalist a merge of the serving specialists when one is due
+    (train/merge.py `wanted_merge`), and put its record in `records` once it serves."""
     from senmon.train.merge import merge_and_register
 
     started = time.monotonic()
