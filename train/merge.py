@@ -4,11 +4,12 @@ Every specialist branches from the seed and decays its learning rate on its own 
 seed itself never decays, so on text of no domain each specialist predicts better than it does, and a router that
 sends such text to the seed makes the answer worse. The average of the specialists' parameters (Li et al. 2022,
 "Branch-Train-Merge") costs no training and, measured with `python -m bench fallback --merged`, predicts text of no
-domain better than the seed and than most specialists: so `auto`'s fallback is the merged model when
+domain 11% better than the seed, and better than every specialist for 63% of such documents: so `auto`'s fallback is
+the merged model when
 `generalist.fallback` is 'merged' (the default), and the seed stays in the registry as the point every
 specialist branches from.
 
-    record = merge_and_register(config, registry)   # None when the serving generalist already is that merge
+    record = merge_and_register(config, registry)   # None when no merge is due (wanted_merge)
 
 The merge is registered as a new version of the generalist, with the versions it was made from
 (`data.merged_from`) and the seed's version (`data.seed`), evaluated on every domain's validation split and given
@@ -128,8 +129,8 @@ def merge_task(config_data: dict, seed: dict, specialists: dict[str, dict], run_
 
 
 def merge_and_register(config: SenmonConfig, registry) -> dict | None:
-    """Merge the serving specialists into a new generalist version and pass it through the gate; returns its
-    record (status 'serving' or 'rejected'), or None when no merge is due (`wanted_merge`)."""
+    """Merge the serving specialists into a new generalist version and serve it (the config's choice, not the gate's
+    rule); returns its record, or None when no merge is due (`wanted_merge`)."""
     versions = wanted_merge(config, registry)
     if versions is None:
         return None
