@@ -5,9 +5,8 @@ seed itself never decays, so on text of no domain each specialist predicts bette
 sends such text to the seed makes the answer worse. The average of the specialists' parameters (Li et al. 2022,
 "Branch-Train-Merge") costs no training and, measured with `python -m bench fallback --merged`, predicts text of no
 domain 11% better than the seed, and better than every specialist for 63% of such documents: so `auto`'s fallback is
-the merged model when
-`generalist.fallback` is 'merged' (the default), and the seed stays in the registry as the point every
-specialist branches from.
+the merged model when `generalist.fallback` is 'merged' (the default), and the seed stays in the registry as the
+point every specialist branches from.
 
     record = merge_and_register(config, registry)   # None when no merge is due (wanted_merge)
 
