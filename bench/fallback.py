@@ -87,9 +87,6 @@ def choose(row: dict, best: str, confidence: float, policy: str, fallback: str, 
 
 
 def main() -> None:
-    import torch
-    from transformers import LlamaForCausalLM
-
     from senmon.actors.registry import serving_records_from_file
     from senmon.config import load_config
 
@@ -107,13 +104,9 @@ def main() -> None:
     serve = config.serve
     corpus, extra = load()
     evaluation = evaluation_items(corpus, extra)
-    scorer, versions = scorer_for(models_root, serve.likelihood_tokens)
+    scorer, versions = scorer_for(models_root, serve.likelihood_tokens, fallback="seed")  # SEED: the seed itself
     serving = serving_records_from_file(models_root, [SEED])[SEED]
-    if serving.get("data", {}).get("merged_from"):  # the fallback serves a merge (train/merge.py): compare its seed
-        seed_path = serving["data"]["seed"]["path"]
-        scorer.add(SEED, LlamaForCausalLM.from_pretrained(seed_path, torch_dtype=torch.float32).eval(), seed_path)
-    else:
-        seed_path = serving["path"]
+    seed_path = serving["data"]["seed"]["path"] if serving.get("data", {}).get("merged_from") else serving["path"]
     fallbacks, train_s = [SEED], {}
     with tempfile.TemporaryDirectory() as scratch:
         if args.merged:
