@@ -90,9 +90,10 @@ class RegistryState:
         return copy.deepcopy(record)
 
     def promote(self, specialist: str, version: int, margin: float, metric: str = "val_ppl", force: bool = False,
-                reason: str | None = None) -> dict:
+                reason: str | None = None, against: int | None = None) -> dict:
         """The gate: lower `metric` is better; a candidate must beat the serving one by `margin` (relative).
-        `force` skips it; `reason` then says why (default: promoted by force)."""
+        `force` skips it; `reason` then says why (default: promoted by force). `against`: the version the candidate
+        must beat instead of the serving one (a retrained seed is held to the seed, not to a merge that serves)."""
         record = self.get(specialist, version)
         serving = next((r for r in self.records[specialist] if r["status"] == "serving"), None)
         if serving is record:
@@ -100,19 +101,22 @@ class RegistryState:
         if record["status"] == "rejected" and not force:
             raise RegistryError(f"{specialist} v{version} was rejected ({record['reason']}); promote it with force")
         value = record["metrics"].get(metric)
+        baseline = self.get(specialist, against) if against is not None else serving
         if force:
             reason = (reason + "; " if reason else "") + \
                 f"promoted by force over {'v%d' % serving['version'] if serving else 'nothing'}"
-        elif serving is None:
+        elif baseline is None:
             reason = "first version"
         else:
-            best = serving["metrics"].get(metric)
+            best = baseline["metrics"].get(metric)
+            held_to = f"v{baseline['version']} ({best:.2f})" if baseline is serving else \
+                f"v{baseline['version']} ({best:.2f}, the version it is held to)"
             if value is None or best is None or not value < best * (1 - margin):
                 shown = "missing" if value is None else f"{value:.2f}"
-                self._set(record, "rejected", f"{metric} {shown} does not beat serving v{serving['version']} "
-                                              f"({best:.2f}) by {margin:.1%}")
+                self._set(record, "rejected", f"{metric} {shown} does not beat {'serving ' if baseline is serving else ''}"
+                                              f"{held_to} by {margin:.1%}")
                 return copy.deepcopy(record)
-            reason = f"{metric} {value:.2f} beats v{serving['version']} ({best:.2f}) by more than {margin:.1%}"
+            reason = f"{metric} {value:.2f} beats {held_to} by more than {margin:.1%}"
         if serving is not None:
             self._set(serving, "retired", f"replaced by v{version}")
         self._set(record, "serving", reason)
@@ -199,8 +203,9 @@ class ModelRegistry:
         return self._apply("register", specialist, run_id, path, metrics, sizing, data)
 
     def promote(self, specialist: str, version: int, margin: float, metric: str = "val_ppl", force: bool = False,
-                reason: str | None = None) -> dict:
-        record = self._apply("promote", specialist, version, margin, metric=metric, force=force, reason=reason)
+                reason: str | None = None, against: int | None = None) -> dict:
+        record = self._apply("promote", specialist, version, margin, metric=metric, force=force, reason=reason,
+                             against=against)
         record_promotion(specialist, record["status"])
         return record
 

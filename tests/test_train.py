@@ -207,8 +207,9 @@ def test_start_from_a_local_hugging_face_directory(trained, tmp_path):
 def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_stays_their_branch_point(trained):
     """`generalist.fallback: merged` (train/merge.py): the serving specialists' average is registered as the
     generalist's next version, with its own probe reference and validation perplexity on every domain, and passes
-    the gate; branches and a continued generalist still start from the seed; no second merge of the same versions."""
-    from senmon.train.job import resolve_init
+    the gate; branches and a continued generalist still start from the seed; no second merge of the same versions; a
+    retrained seed is held to the seed and, once it passes, merged beside again."""
+    from senmon.train.job import promote_seed, resolve_init
     from senmon.train.merge import merge_and_register, seed_record, wanted_merge
     from senmon.train.reference import check_checkpoint, load_reference
 
@@ -239,8 +240,29 @@ def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_sta
         as_seed = parse_config(dict(config.model_dump(), generalist=dict(config.generalist.model_dump(), fallback="seed")),
                                source="test")
         assert wanted_merge(as_seed, registry) is None
+
+        # a retrained seed while the merge serves (train_and_register's last step; stand-ins for the retrains): held to
+        # the seed, not to the merge, and once it passes the specialists are merged again beside it
+        def retrained_seed(val_ppl: float) -> dict:
+            return ray.get(registry.register.remote("generalist", f"seed-retrain-{val_ppl:.1f}", seed["path"],
+                                                    {**seed["metrics"], "val_ppl": val_ppl}, seed["sizing"],
+                                                    {**seed["data"], "start": "current"}))
+
+        worse = promote_seed(config, registry, retrained_seed(seed["metrics"]["val_ppl"] * 1.005), merged)
+        assert worse["status"] == "rejected" and f"the version it is held to" in worse["reason"]
+        assert f"v{seed['version']} ({seed['metrics']['val_ppl']:.2f}" in worse["reason"]
+        assert ray.get(registry.current.remote("generalist"))["version"] == merged["version"]  # the merge serves on
+        better = retrained_seed(seed["metrics"]["val_ppl"] * 0.9)
+        remerged = promote_seed(config, registry, better, merged)
+        assert remerged["status"] == "serving" and remerged["data"]["merged_from"] == merged["data"]["merged_from"]
+        assert remerged["data"]["seed"]["version"] == better["version"] and remerged["version"] > better["version"]
+        assert remerged["reason"].startswith(f"seed v{better['version']}: val_ppl") and "merged again" in remerged["reason"]
+        assert ray.get(registry.current.remote("generalist"))["version"] == remerged["version"]
+        assert ray.get(registry.get.remote("generalist", better["version"]))["status"] == "retired"
+        assert seed_record(registry, config)["version"] == better["version"]  # the new branch point
+        assert resolve_init(config, registry, "law", "seed").record["version"] == better["version"]
     finally:
-        ray.get(registry.rollback.remote("generalist"))  # the seed serves again
+        ray.get(registry.rollback.remote("generalist", seed["version"]))  # the seed serves again
     assert ray.get(registry.current.remote("generalist"))["version"] == seed["version"]
     assert wanted_merge(config, registry) is None  # an operator's rollback stands until a specialist changes
 

@@ -34,7 +34,7 @@ from senmon.storage import filesystem, read_bytes, write_atomic
 from .branch import SEED_FLOOR, branch_schedule, plan_budget
 from .data import token_blocks
 from .loop import Schedule
-from .merge import seed_record
+from .merge import is_merge, merge_and_register, seed_record
 from .sizing import Shape, choose_size
 from .tokenizer import train_tokenizer
 
@@ -373,4 +373,25 @@ def train_and_register(config: SenmonConfig, name: str, registry, init: str | No
         result = train_model(config, name, start, run_id=run_id, progress_board=progress_board)
     record = ray.get(registry.register.remote(name, result.run_id, result.checkpoint_path, result.metrics,
                                               result.sizing, {**result.data, "timings": result.timings}))
+    serving = ray.get(registry.current.remote(name)) if name == config.generalist.name else None
+    if is_merge(serving):
+        return promote_seed(config, registry, record, serving)
     return ray.get(registry.promote.remote(name, record["version"], config.training.promotion_margin))
+
+
+def promote_seed(config: SenmonConfig, registry, record: dict, merge: dict) -> dict:
+    """A retrained seed while a merge serves as the fallback (train/merge.py): the gate holds it to the seed it
+    replaces (the merge's pooled validation perplexity is worse by design, so it would let a worse seed through);
+    once it passes, the specialists are merged again beside it, so the fallback stays a merge and the new seed is
+    the branch point. Returns the record that serves: the new merge, the seed where no merge can be made (a
+    specialist of another shape), or the rejected seed (the merge serves on)."""
+    name = config.generalist.name
+    promoted = ray.get(registry.promote.remote(name, record["version"], config.training.promotion_margin,
+                                               against=merge["data"]["seed"]["version"]))
+    if promoted["status"] != "serving":
+        return promoted
+    merged = merge_and_register(config, registry)
+    if merged is None:
+        return promoted
+    return {**merged, "reason": f"seed v{promoted['version']}: {promoted['reason']}; merged again beside it: "
+                                f"{merged['reason']}"}

@@ -18,7 +18,8 @@ config asks for it, not by the gate's rule: on the corpus's own validation text 
 from other sources and of no domain it does better (0.95x and 0.89x the seed's perplexity), and the router sends
 the corpus's own text to the specialists. Its record's reason gives both numbers; `senmon rollback generalist`
 returns to the seed. It is made when senmon starts (`train_missing`): a specialist retrained since the last merge
-is in the next one.
+is in the next one. A retrained seed is held to the seed it replaces and, once it passes, merged beside at once
+(train/job.py `promote_seed`), so the fallback stays a merge.
 """
 
 from __future__ import annotations
