@@ -154,17 +154,23 @@ def fold_of(source: str) -> int:
     return next((k for k, fold in enumerate(FOLDS) if source in fold), 0)
 
 
-def score(models: list[RoutingModel], evaluation: list[dict], key: str = "text") -> tuple[list[str], list[float]]:
-    """(argmax label, confidence) per item, each scored by the model that never trained on its source."""
-    best, confidence = [""] * len(evaluation), [0.0] * len(evaluation)
+def probabilities(models: list[RoutingModel], evaluation: list[dict], key: str = "text") -> list[dict[str, float]]:
+    """{label: probability} per item, each scored by the model that never trained on its source."""
+    result: list[dict[str, float]] = [{}] * len(evaluation)
     for k, model in enumerate(models):
         index = [i for i, item in enumerate(evaluation) if fold_of(item["source"]) == k]
         for start in range(0, len(index), 256):
             chunk = index[start:start + 256]
             for i, row in zip(chunk, model.scores([evaluation[i][key] for i in chunk])):
-                top = int(np.argmax(row))
-                best[i], confidence[i] = model.labels[top], float(row[top])
-    return best, confidence
+                result[i] = dict(zip(model.labels, map(float, row)))
+    return result
+
+
+def score(models: list[RoutingModel], evaluation: list[dict], key: str = "text") -> tuple[list[str], list[float]]:
+    """(argmax label, confidence) per item, each scored by the model that never trained on its source."""
+    probs = probabilities(models, evaluation, key)
+    best = [max(p, key=p.get) for p in probs]
+    return best, [p[b] for p, b in zip(probs, best)]
 
 
 def falls_back(best: str, confidence: float, threshold: float) -> bool:

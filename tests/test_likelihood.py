@@ -83,3 +83,27 @@ def test_decision_follows_the_nats_per_token():
     close = decide({"law": 2.35, "code": 2.5, "g": 2.4}, "g", margin=0.1)
     assert close.chosen is None and close.best == "law" and close.gain == pytest.approx(0.05)
     assert "under the margin" in close.reason
+
+
+def test_the_policies_benchmark_routes_as_the_router_does_and_restricts_as_it_says():
+    """bench/routing_policies.py's baseline must be the router's rule (serve/router.py: the classifier above `below`,
+    else `decide` over every model), and its variants change only what they name."""
+    import random
+
+    from bench.routing_policies import router
+
+    rng = random.Random(0)
+    for _ in range(500):
+        raw = {d: rng.random() ** 3 for d in ("law", "code", "dictionary", "literature", "japanese")}
+        p = {d: v / sum(raw.values()) for d, v in raw.items()}
+        nll = {**{d: rng.uniform(2, 4) for d in p}, "generalist": rng.uniform(2, 4)}
+        best = max(p, key=p.get)
+        expected = best if p[best] >= 0.7 else (decide(nll, "generalist", 0.05).chosen or "none")
+        assert router(p, nll, 0.7, 0.05) == (expected, p[best] < 0.7)
+        assert router(p, nll, 1.01, 0.05, w=0.0)[0] == (decide(nll, "generalist", 0.05).chosen or "none")
+        top1 = router(p, nll, 1.01, 0.0, k=1)[0]  # only the classifier's pick against the fallback
+        assert top1 == (best if nll["generalist"] >= nll[best] else "none")
+    # a strong prior overrides a small likelihood edge
+    p = {"law": 0.6, "code": 0.1, "dictionary": 0.1, "literature": 0.1, "japanese": 0.1}
+    nll = {"law": 3.0, "code": 2.9, "dictionary": 4, "literature": 4, "japanese": 4, "generalist": 3.5}
+    assert router(p, nll, 1.01, 0.0)[0] == "code" and router(p, nll, 1.01, 0.0, w=0.5)[0] == "law"
