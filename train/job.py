@@ -390,7 +390,13 @@ def promote_seed(config: SenmonConfig, registry, record: dict, merge: dict) -> d
                                                against=merge["data"]["seed"]["version"]))
     if promoted["status"] != "serving":
         return promoted
-    merged = merge_and_register(config, registry)
+    try:
+        merged = merge_and_register(config, registry)
+    except Exception as error:  # the seed serves, as a fallback of its own, until a merge succeeds (the next start)
+        log.warning("merging the specialists beside %s v%s failed; the seed serves as the fallback: %s", name,
+                    promoted["version"], error)
+        return {**promoted, "reason": f"{promoted['reason']}; merging the specialists beside it failed "
+                                      f"({type(error).__name__}: {error}), so it serves as the fallback"}
     if merged is None:
         return promoted
     return {**merged, "reason": f"seed v{promoted['version']}: {promoted['reason']}; merged again beside it: "
