@@ -249,20 +249,16 @@ def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_sta
                                                     {**seed["data"], "start": "current"}))
 
         worse = promote_seed(config, registry, retrained_seed(seed["metrics"]["val_ppl"] * 1.005), merged)
-        assert worse["status"] == "rejected" and f"the version it is held to" in worse["reason"]
+        assert worse["status"] == "rejected" and "the version it is held to" in worse["reason"]
         assert f"v{seed['version']} ({seed['metrics']['val_ppl']:.2f}" in worse["reason"]
         assert ray.get(registry.current.remote("generalist"))["version"] == merged["version"]  # the merge serves on
         # a merge that fails beside a seed that passed: the seed serves as the fallback (the next start merges again)
-        import senmon.train.job as job
-
         def failing_merge(*_):
             raise OSError("a checkpoint could not be read")
 
-        real_merge, job.merge_and_register = job.merge_and_register, failing_merge
-        try:
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setattr("senmon.train.job.merge_and_register", failing_merge)
             alone = promote_seed(config, registry, retrained_seed(seed["metrics"]["val_ppl"] * 0.95), merged)
-        finally:
-            job.merge_and_register = real_merge
         assert alone["status"] == "serving" and "OSError: a checkpoint could not be read" in alone["reason"]
         assert ray.get(registry.current.remote("generalist"))["version"] == alone["version"]
         better = retrained_seed(seed["metrics"]["val_ppl"] * 0.9)
