@@ -76,15 +76,15 @@ def _version_line(record: dict) -> str:
 
 
 def cmd_train(args, config: SenmonConfig) -> int:
+    names = [s.name for s in config.specialists] + [config.generalist.name]
+    if args.name not in names:  # before the imports below (Ray Train, torch, transformers: 15 s here)
+        raise CommandError(f"no specialist named {args.name!r} (configured: {', '.join(names)})")
     import ray
 
     from senmon.ingest.store import DatasetStore
     from senmon.progress import Relay
     from senmon.train.job import train_and_register
 
-    names = [s.name for s in config.specialists] + [config.generalist.name]
-    if args.name not in names:
-        raise CommandError(f"no specialist named {args.name!r} (configured: {', '.join(names)})")
     stack, registry = _with_registry(config)
     with stack:
         DatasetStore(config.storage_root).seed_from_corpus(config.corpus_dir, config.domains)
