@@ -276,9 +276,11 @@ def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_sta
     assert wanted_merge(config, registry) is None  # an operator's rollback stands until a specialist changes
 
 
-def test_cli_train_history_and_eval_on_unseen_file(tmp_path, embedded_config_data):
-    """`senmon train`, `senmon history` and `senmon eval` as a user runs them (each starts its own Ray)."""
+def test_cli_train_and_eval_on_unseen_file(tmp_path, embedded_config_data, capsys):
+    """`senmon train` and `senmon eval` as a user runs them (train starts its own Ray; eval needs none)."""
     from test_serve import small_corpus
+
+    from senmon.cli import main
 
     config_path = tmp_path / "config.yaml"
     data = small_config_data(embedded_config_data, tmp_path / "storage")
@@ -308,8 +310,11 @@ def test_cli_train_history_and_eval_on_unseen_file(tmp_path, embedded_config_dat
     assert rows["literature"]["documents"] == 2
     assert rows["law"]["specialist"] is None  # no law version and no generalist in this storage root
 
-    table = senmon("eval", str(unseen))
-    assert table.returncode == 0 and "literature" in table.stdout and "specialist ppl" in table.stdout
+    capsys.readouterr()
+    # the table through the same entry point in this process (a third process would load torch again: 10-30 s)
+    assert main(["--config", str(config_path), "eval", str(unseen)]) == 0
+    table = capsys.readouterr().out
+    assert "literature" in table and "specialist ppl" in table
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "domain": "law"}\n{"domain": "law"}\n', encoding="utf-8")
