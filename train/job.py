@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 import uuid
@@ -24,7 +25,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray
 from tokenizers import Tokenizer
-from ray.train import RunConfig, ScalingConfig
+from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from senmon.config import SenmonConfig, SizeConfig
@@ -240,6 +241,9 @@ def train_model(config: SenmonConfig, name: str, start: Start | None = None,
         "progress_board": progress_board,
     }
     fs, base = filesystem(config.storage_root)
+    # Ray Train's controller sees a run end at its next poll (every 2 s by default): at these sizes a run takes
+    # seconds, so it polls 4 times a second (the variable is passed on to the controller; an operator's own wins)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     trainer = TorchTrainer(
         _loop,
         train_loop_config=loop_config,
@@ -247,6 +251,8 @@ def train_model(config: SenmonConfig, name: str, start: Start | None = None,
                                      resources_per_worker={"CPU": training.cpus_per_worker,
                                                            **({"GPU": 1} if training.use_gpu else {})}),
         datasets={"train": blocks},
+        # one worker reads the whole materialized dataset: no split coordinator actor to start for it
+        dataset_config=DataConfig(datasets_to_split=[] if training.num_workers == 1 else "all"),
         run_config=RunConfig(name=run_id, storage_path=f"{base}/checkpoints", storage_filesystem=fs),
     )
     t0 = time.monotonic()
