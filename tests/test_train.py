@@ -134,14 +134,33 @@ def test_a_specialist_cannot_branch_before_the_seed_serves(trained, tmp_path):
         ray.kill(empty)
 
 
-def test_continue_then_gate_rejects_then_force_and_rollback(trained):
-    from senmon.train.job import train_and_register
+def test_a_local_hugging_face_directory_continues_then_the_gate_rejects_then_force_and_rollback(trained, tmp_path):
+    """`--init PATH`: a run continues any local Hugging Face directory in that directory's shape and with its
+    tokenizer; under a strict margin the gate rejects it and the serving version stays; force, then rollback.
+    (One training run for both: each costs about 30 s of Ray Train start-up here.)"""
+    import torch  # noqa: F401
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
+
+    from senmon.train.job import tokenizer_json, train_and_register
+    from senmon.train.sizing import Shape, llama_config
+    from senmon.train.tokenizer import wrap
 
     config, registry, first, _ = trained
+    tokenizer = wrap(Tokenizer.from_str(tokenizer_json(config)))
+    shape = Shape(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=176)
+    assert shape.hidden_size != first["sizing"]["shape"]["hidden_size"]  # the directory's shape, not law's
+    mine = (tmp_path / "mine").resolve()
+    LlamaForCausalLM(llama_config(shape, len(tokenizer), 64, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                     ).save_pretrained(mine)
+    tokenizer.save_pretrained(mine)
+
     strict = parse_config(small_config_data(config.model_dump(), Path(config.storage_root), promotion_margin=0.9),
                           source="test")
-    second = train_and_register(strict, "law", registry, init="current")
-    assert second["data"]["init_checkpoint"] == first["path"]
+    second = train_and_register(strict, "law", registry, init=str(mine))
+    assert second["data"]["start"] == "directory" and second["data"]["init_checkpoint"] == str(mine)
+    assert second["sizing"]["shape"]["hidden_size"] == 64 and second["sizing"]["rule"] == f"continued from {mine}"
+    assert second["data"]["tokenizer"] == "from the initial checkpoint"
     assert second["status"] == "rejected"
     assert "does not beat" in second["reason"] and "v1" in second["reason"]
     assert ray.get(registry.current.remote("law"))["version"] == 1  # the serving version stays
@@ -180,28 +199,6 @@ def test_fast_path_continues_on_new_documents_with_replay(trained):
     assert record["metrics"]["val_ppl"] < seed["metrics"]["val_ppl_by_domain"]["law"]  # still beats the fallback
     assert check_checkpoint(record["path"], load_reference(record["path"]), 1e-4) is None
     assert record["status"] in ("serving", "rejected")
-
-
-def test_start_from_a_local_hugging_face_directory(trained, tmp_path):
-    import torch  # noqa: F401
-    from tokenizers import Tokenizer
-    from transformers import LlamaForCausalLM
-
-    from senmon.train.job import tokenizer_json, train_and_register
-    from senmon.train.sizing import Shape, llama_config
-    from senmon.train.tokenizer import wrap
-
-    config, registry, _, _ = trained
-    tokenizer = wrap(Tokenizer.from_str(tokenizer_json(config)))
-    shape = Shape(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=176)
-    LlamaForCausalLM(llama_config(shape, len(tokenizer), 64, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                     ).save_pretrained(tmp_path / "mine")
-    tokenizer.save_pretrained(tmp_path / "mine")
-
-    record = train_and_register(config, "japanese", registry, init=str(tmp_path / "mine"))
-    assert record["status"] == "serving"
-    assert record["sizing"]["shape"]["hidden_size"] == 64 and record["sizing"]["rule"].startswith("continued")
-    assert record["data"]["tokenizer"] == "from the initial checkpoint"
 
 
 def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_stays_their_branch_point(trained):
