@@ -12,17 +12,19 @@ from senmon.config import DEFAULT_CONFIG, SenmonConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 # `make test` runs pytest with two xdist workers and `--dist loadgroup`: one runs the `ray up` test
-# (as another user, on a Ray of its own) first, then the broker-restart, clean-up, routing-text and
+# (as another user, on a Ray of its own) first, then the broker-restart, clean-up, routing-text, security and
 # training tests (on a second local Ray, as `senmon up` in the CLI tests already runs beside the
 # suite's), the other every other test, each group in file order after that. The `ray up` test goes
 # first because the suite's early files (brokers, CLI) leave the two cores 35-60% idle, which its
 # node's setup (a fresh virtual environment on a new machine: minutes of pip and compileall) and
 # engine starts fill. The broker-restart and clean-up files (about 4 minutes) moved here from the
 # suite, which ran 10 minutes past this worker alone (2026-11-27: this worker done after 15.7 of
-# 25.4 minutes). (xdist's own `xdist_group` marks do not group under pytest 9, which derives node
+# 25.4 minutes). The security file (its own `senmon up`, like the clean-up tests) moved here when the training
+# tests got shorter (2026-11-27 16:07: the two workers ended 8 s apart before that cut took a run out of this one).
+# (xdist's own `xdist_group` marks do not group under pytest 9, which derives node
 # ids from a structure xdist does not change, so the groups are made here, by xdist's scheduler hook.)
 SEPARATE_GROUPS = {"test_ray_up.py": "beside", "test_broker_restart.py": "beside", "test_cleanup.py": "beside",
-                   "test_train.py": "beside", "test_routing_texts.py": "beside"}
+                   "test_train.py": "beside", "test_routing_texts.py": "beside", "test_security.py": "beside"}
 FIRST = "test_ray_up.py"  # runs first in its group (see above)
 
 
