@@ -293,8 +293,11 @@ def run_up(config: SenmonConfig, **parts) -> int:
 
 
 def cmd_down(args, config: SenmonConfig) -> int:
+    import contextlib
     import os
     import signal
+
+    from senmon.stack import wait_gone
 
     state = _running(config)
     if state is None:
@@ -311,12 +314,17 @@ def cmd_down(args, config: SenmonConfig) -> int:
     if _running(config):  # stuck: kill it, then stop what it started as for a `senmon up` that was killed
         print(f"senmon (pid {state['pid']}) did not stop within {args.timeout:.0f} s; killing it", file=sys.stderr)
         os.kill(state["pid"], signal.SIGKILL)
-        from senmon.stack import wait_gone
-
         wait_gone(state["pid"], 30)
         _stop_leftovers(config)
         _state_path(config).unlink(missing_ok=True)
         return 1
+    # the record goes once every part has stopped; the process exits just after, but its interpreter's own shutdown
+    # (Ray's driver, threads, atexit) took over 5 s under load once (the `ray up` test, 27 Nov): wait for that too
+    if not wait_gone(state["pid"], max(10.0, deadline - time.monotonic())):
+        print(f"senmon (pid {state['pid']}) stopped its parts but did not exit; killing it", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
+            os.kill(state["pid"], signal.SIGKILL)
+        wait_gone(state["pid"], 30)
     _stop_leftovers(config)  # its stop sweeps its processes; this catches it being killed while it stopped
     _state_path(config).unlink(missing_ok=True)
     print(f"senmon (pid {state['pid']}) stopped")

@@ -85,7 +85,7 @@ def test_down_stops_the_broker_and_every_process_of_up(tmp_path, embedded_config
         t0 = time.monotonic()
         down = senmon("down", config=config, home=tmp_path, timeout=150)
         down_s = time.monotonic() - t0
-        output, _ = up.communicate(timeout=5)  # `down` returned once `up` had stopped, not as it began to
+        output, _ = up.communicate(timeout=1)  # `down` returned once `up` had exited, not as it began to stop
     finally:
         if up.poll() is None:
             up.kill()
