@@ -305,6 +305,12 @@ def cmd_down(args, config: SenmonConfig) -> int:
             print("senmon is not up")
         _state_path(config).unlink(missing_ok=True)  # the record of a `senmon up` that was killed
         return 0
+
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
+            os.kill(state["pid"], signal.SIGKILL)
+        wait_gone(state["pid"], 30)
+
     os.kill(state["pid"], signal.SIGTERM)
     print(f"stopping senmon (pid {state['pid']}); it stops its parts in order (with HAProxy, Serve alone takes 30 s)",
           flush=True)
@@ -313,8 +319,7 @@ def cmd_down(args, config: SenmonConfig) -> int:
         time.sleep(0.5)
     if _running(config):  # stuck: kill it, then stop what it started as for a `senmon up` that was killed
         print(f"senmon (pid {state['pid']}) did not stop within {args.timeout:.0f} s; killing it", file=sys.stderr)
-        os.kill(state["pid"], signal.SIGKILL)
-        wait_gone(state["pid"], 30)
+        kill()
         _stop_leftovers(config)
         _state_path(config).unlink(missing_ok=True)
         return 1
@@ -322,9 +327,7 @@ def cmd_down(args, config: SenmonConfig) -> int:
     # (Ray's driver, threads, atexit) took over 5 s under load once (the `ray up` test, 27 Nov): wait for that too
     if not wait_gone(state["pid"], max(10.0, deadline - time.monotonic())):
         print(f"senmon (pid {state['pid']}) stopped its parts but did not exit; killing it", file=sys.stderr)
-        with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
-            os.kill(state["pid"], signal.SIGKILL)
-        wait_gone(state["pid"], 30)
+        kill()
     _stop_leftovers(config)  # its stop sweeps its processes; this catches it being killed while it stopped
     _state_path(config).unlink(missing_ok=True)
     print(f"senmon (pid {state['pid']}) stopped")
