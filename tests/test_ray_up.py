@@ -215,6 +215,10 @@ def node(tmp_path):
         sshd.stop()
         kill_user_processes(USER)  # whatever the test's own checks found left over (they fail the test)
         print("\n" + steps.report())
+        from reliability import record_figure  # var/reliability/test_ray_up.json: where a run's time went
+
+        record_figure("test_ray_up", {"steps_s": {name: round(s, 1) for name, s in steps.times.items()},
+                                      "total_s": round(time.monotonic() - steps.started, 1)})
         assert not wait_until_gone(USER, 10), user_processes(USER)
 
 
