@@ -9,7 +9,7 @@ import runpy
 import sys
 
 BENCHMARKS = ["specialists", "other_sources", "serving", "ingest", "freshness", "retrain_paths", "routing", "fallback",
-              "routing_features", "routing_policies", "soak", "reliability"]
+              "routing_features", "routing_policies", "soak", "reliability", "idle"]
 
 
 def main() -> None:
