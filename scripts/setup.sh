@@ -31,7 +31,7 @@ fi
 # Bytecode. Where Python writes it as it imports (its default), the import check below writes it for what
 # senmon's processes import and the rest follows on first use: a cluster node (`ray up` runs this there) skips
 # compiling the 29,000 files of site-packages, most of which nothing imports. Where PYTHONDONTWRITEBYTECODE is
-# set (this project's development and CI machines) nothing would ever be written, so every file is compiled now,
+# set (as on this project's development machine) nothing would ever be written, so every file is compiled now,
 # on every core. -qq: as quiet as pip's own compile step, which also skips files that are not Python 3.
 if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ]; then
   "$venv/bin/python" -m compileall -qq -j 0 "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
