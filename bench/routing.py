@@ -59,13 +59,19 @@ TRAIN_DOCS_PER_SOURCE = 400  # extra-source documents a "more sources" variant t
 LATENCY_PROMPTS = 400
 GOALS = {"whole": 0.90, "snippet": 0.80, "ood_fallback": 0.90, "false_fallback": 0.05}
 # fold k holds out these sources; the other fold's sources may be trained on
+# (each fold holds out one HTML and one reST code source, so each fold's model trains on both layouts)
 FOLDS = [
-    {"copyright-licences", "django-doc", "dict-devil", "bible-kjv", "manpages-ja", "debian-handbook"},
-    {"copyright-freeform", "sphinx-doc", "freedict-eng-jpn", "fortune-anarchism", "bofh-excuses",
+    {"copyright-licences", "django-doc", "pandas-doc", "dict-devil", "bible-kjv", "manpages-ja", "gimp-help-ja",
+     "debian-handbook"},
+    {"copyright-freeform", "sphinx-doc", "scipy-doc", "freedict-eng-jpn", "fortune-anarchism", "bofh-excuses",
      "libreoffice-help-ja", "debian-reference-en", "package-descriptions"},
 ]
 ROUTING_DIR = REPO / "data" / "routing"  # what the router trains on beside the corpus (ingest/routing_texts.py)
 ROUTER = "words+chars + data/routing (the router)"
+# the code and japanese sources data/routing gained on 27 Nov; the "before" variant trains without them, for comparison
+ADDED_27_NOV = {"scipy-doc", "pandas-doc", "gimp-help-ja"}
+ROUTER_BEFORE = "words+chars + data/routing before 27 Nov"
+CONFIGURED = "the router + second opinion as configured"  # the config's serve settings: what `auto` runs
 VARIANTS = {  # name: (features, more sources: none / "held-out" (var/sources) / "data/routing", a no-domain class)
     "today (char 1-3)": (CHAR13, None, False),
     "words+chars": (WORDS_CHARS, None, False),
@@ -73,6 +79,7 @@ VARIANTS = {  # name: (features, more sources: none / "held-out" (var/sources) /
     "words+chars + more sources": (WORDS_CHARS, "held-out", False),
     "words+chars + more sources + none class": (WORDS_CHARS, "held-out", True),
     ROUTER: (WORDS_CHARS, "data/routing", False),
+    ROUTER_BEFORE: (WORDS_CHARS, "data/routing before 27 Nov", False),
 }
 
 
@@ -131,12 +138,14 @@ def train_variant(features: str, more_sources: str | None, none_class: bool, cor
                   seed: int = 0) -> list[RoutingModel]:
     """One model per fold (the same model twice when the variant trains on the corpus alone). More sources:
     "held-out", up to TRAIN_DOCS_PER_SOURCE documents of each extra source of every split; "data/routing", the
-    shipped routing text (their train split, cut; what train_router adds): in both, never the fold's own sources."""
+    shipped routing text (their train split, cut; what train_router adds; "... before 27 Nov": without the sources
+    added then): in all, never the fold's own sources."""
     models = []
     for fold in range(len(FOLDS) if more_sources else 1):
         texts = {d: [doc["text"] for doc in corpus["train"][d]] for d in DOMAINS}
-        if more_sources == "data/routing":
-            for domain, shipped in read_routing_texts(ROUTING_DIR, leave_out=FOLDS[fold]).items():
+        if more_sources and more_sources.startswith("data/routing"):
+            leave_out = FOLDS[fold] | (ADDED_27_NOV if more_sources != "data/routing" else set())
+            for domain, shipped in read_routing_texts(ROUTING_DIR, leave_out=leave_out).items():
                 texts[domain].extend(shipped)
         elif more_sources:
             for name, docs in extra.items():
@@ -379,45 +388,53 @@ def likelihood_latency(model: RoutingModel, scorer, evaluation: list[dict], belo
 
 def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict], results: dict) -> dict:
     """The likelihood policies beside the deployed classifier (ROUTER, each text scored by the fold's model that
-    never trained on its source): their parameters chosen for answer quality on validation documents, then label
-    accuracy and answer quality measured on the rest; returns the answer-quality table of every policy."""
+    never trained on its source; and ROUTER_BEFORE's, where that variant ran, for comparison): their parameters
+    chosen for answer quality on validation documents, then label accuracy and answer quality measured on the rest;
+    returns the answer-quality table of every policy."""
     scorer, versions = scorer_for(args.models, args.tokens, args.fallback)
     print(f"likelihood routing with {', '.join(f'{m} v{v}' for m, v in versions.items())} from {args.models}, "
           f"first {args.tokens} tokens", flush=True)
-    classifiers = train_variant(*VARIANTS[ROUTER], corpus, extra)
     started = time.monotonic()
     rows = answer_rows(scorer, evaluation)
-    prefix_best, prefix_confidence = score(classifiers, rows, key="prefix_text")
     prefix_nll = nll_all(scorer, [row["prefix_text"] for row in rows])
     print(f"  answer quality: {len(rows)} documents scored in {time.monotonic() - started:.0f} s", flush=True)
     validation = [i for i, row in enumerate(rows) if row["group"] == "validation"]
-
-    def validation_quality(below: float, margin: float) -> tuple[float, float]:
-        chosen, fired = combined([prefix_best[i] for i in validation], [prefix_confidence[i] for i in validation],
-                                 [prefix_nll[i] for i in validation], below, margin)
-        q = answer_quality([rows[i] for i in validation], chosen)["by_group"]["validation"]
-        return q["ppl_vs_generalist"], rate(fired)
-
-    def validation_labels(below: float, margin: float) -> float:
-        """Balanced label accuracy on validation texts (whole and snippets; no domain counts as the fallback)."""
-        return balanced_accuracy(evaluation, combined(best, confidence, nll, below, margin)[0])
-
     texts = [item["text"] for item in evaluation]
-    best, confidence = score(classifiers, evaluation)
     started = time.monotonic()
     nll = nll_all(scorer, texts)
     print(f"  scored {len(texts)} prompts with {len(scorer.models)} models in {time.monotonic() - started:.0f} s",
           flush=True)
-    threshold = results[ROUTER]["threshold"]["threshold"] if ROUTER in results else 0.5
     quality_policies = {
         "always the generalist": [NO_DOMAIN] * len(rows),
         "the labelled domain's specialist (perfect classifier)": [row["label"] for row in rows],
         "best in hindsight (oracle)": [min(row["answer"], key=row["answer"].get) for row in rows],
-        f"the router's classifier at its threshold ({threshold:.2f})": [
-            b if c >= threshold else NO_DOMAIN for b, c in zip(prefix_best, prefix_confidence)],
     }
-    for name, belows in (("likelihood", [1.01]), ("the router + second opinion", BELOWS)):
-        grid = [(validation_quality(b, m), b, m) for b in belows for m in MARGINS]
+    policies = [("likelihood", ROUTER, [1.01]), ("the router + second opinion", ROUTER, BELOWS),
+                (CONFIGURED, ROUTER, [args.configured])]
+    if ROUTER_BEFORE in results:
+        policies += [(f"{ROUTER_BEFORE} + second opinion", ROUTER_BEFORE, BELOWS),
+                     (f"{ROUTER_BEFORE} + second opinion as configured", ROUTER_BEFORE, [args.configured])]
+    for name, variant, belows in policies:
+        classifiers = train_variant(*VARIANTS[variant], corpus, extra)
+        prefix_best, prefix_confidence = score(classifiers, rows, key="prefix_text")
+        best, confidence = score(classifiers, evaluation)
+        if name == "the router + second opinion":
+            threshold = results[ROUTER]["threshold"]["threshold"] if ROUTER in results else 0.5
+            quality_policies[f"the router's classifier at its threshold ({threshold:.2f})"] = [
+                b if c >= threshold else NO_DOMAIN for b, c in zip(prefix_best, prefix_confidence)]
+
+        def validation_quality(below: float, margin: float) -> tuple[float, float]:
+            chosen, fired = combined([prefix_best[i] for i in validation], [prefix_confidence[i] for i in validation],
+                                     [prefix_nll[i] for i in validation], below, margin)
+            q = answer_quality([rows[i] for i in validation], chosen)["by_group"]["validation"]
+            return q["ppl_vs_generalist"], rate(fired)
+
+        def validation_labels(below: float, margin: float) -> float:
+            """Balanced label accuracy on validation texts (whole and snippets; no domain counts as the fallback)."""
+            return balanced_accuracy(evaluation, combined(best, confidence, nll, below, margin)[0])
+
+        margins = [args.configured_margin] if name.endswith("as configured") else MARGINS
+        grid = [(validation_quality(b, m), b, m) for b in belows for m in margins]
         # the router's latency goal: the second opinion on at most MAX_FIRED of validation prompts (the classifier
         # alone decides the others); likelihood alone always fires
         affordable = [g for g in grid if g[0][1] <= MAX_FIRED] or grid
@@ -427,7 +444,7 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
                                       key=lambda g: (validation_labels(g[1], g[2]), -g[0][1], g[2]))
         chosen, fired = combined(best, confidence, nll, below, margin)
         results[name] = {"features": "likelihood" if below > 1 else WORDS_CHARS + " + likelihood",
-                         "more_sources": None if below > 1 else "data/routing",
+                         "more_sources": None if below > 1 else VARIANTS[variant][1],
                          "none_class": False, "tokens": args.tokens, "models": versions,
                          "threshold": {"threshold": 0.0, "below": below, "margin": margin,
                                        "validation_answer_ppl_vs_generalist": ppl},
@@ -439,6 +456,12 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
         print(f"{name}: below {below}, margin {margin}: validation answers {ppl:.3f}x the generalist's perplexity; "
               f"second opinion on {100 * rate(fired):.0f}% of prompts", flush=True)
     return {name: answer_quality(rows, chosen) for name, chosen in quality_policies.items()}
+
+
+def by_source(result: dict, key: str, name: str) -> str:
+    """whole / snippet for one source; "-" where the variant was measured before the source existed."""
+    measured = result["at_chosen_threshold"][key].get(name)
+    return f"{pct(measured['whole'])} / {pct(measured['snippet'])}" if measured else "-"
 
 
 def main() -> None:
@@ -460,6 +483,7 @@ def main() -> None:
     config = load_config()
     args.models = args.models or config.storage_root
     args.tokens = args.tokens or config.serve.likelihood_tokens
+    args.configured, args.configured_margin = config.serve.second_opinion_below, config.serve.likelihood_margin
     corpus, extra = load()
     evaluation = evaluation_items(corpus, extra)
     results = {}
@@ -487,6 +511,15 @@ def main() -> None:
             if name not in results and name in VARIANTS:
                 results[name] = {**r, "measured": r.get("measured", earlier.get("when"))}
 
+    counts = defaultdict(int)
+    for item in evaluation:
+        counts[f"{item['group']}/{item['form']}"] += 1
+    path = write_results(result_name, {"goals": GOALS, "fallback": args.fallback, "folds": [sorted(f) for f in FOLDS], "items": dict(counts),
+                                     "sources": json.loads((SOURCES / "MANIFEST.json").read_text())["sources"]
+                                     if (SOURCES / "MANIFEST.json").exists() else {},
+                                     "variants": results, "answer_quality": quality,
+                                     "answer_tokens": {"prefix": PREFIX_TOKENS, "answer": ANSWER_TOKENS}})
+
     rows = []
     for name, r in results.items():
         m = r["at_chosen_threshold"]
@@ -502,14 +535,10 @@ def main() -> None:
                  "false fallback (corpus test)", "p50 / p99 ms"], rows))
     print("\nBy held-out source (whole / snippet)")
     names = [n for n, (d, _, _) in EXTRA_SOURCES.items() if d != NO_DOMAIN]
-    print(table(["variant", *names], [[v] + [f"{pct(r['at_chosen_threshold']['heldout_accuracy_by_source'][n]['whole'])} / "
-                                             f"{pct(r['at_chosen_threshold']['heldout_accuracy_by_source'][n]['snippet'])}"
-                                             for n in names] for v, r in results.items()]))
+    print(table(["variant", *names], [[v] + [by_source(r, "heldout_accuracy_by_source", n) for n in names] for v, r in results.items()]))
     ood_names = [n for n, (d, _, _) in EXTRA_SOURCES.items() if d == NO_DOMAIN]
     print("\nNo-domain test text to the fallback, by source (whole / snippet), at the chosen threshold")
-    print(table(["variant", *ood_names], [[v] + [f"{pct(r['at_chosen_threshold']['ood_fallback_by_source'][n]['whole'])} / "
-                                                 f"{pct(r['at_chosen_threshold']['ood_fallback_by_source'][n]['snippet'])}"
-                                                 for n in ood_names] for v, r in results.items()]))
+    print(table(["variant", *ood_names], [[v] + [by_source(r, "ood_fallback_by_source", n) for n in ood_names] for v, r in results.items()]))
     print(f"\nAnswer quality: route on the first {PREFIX_TOKENS} tokens of a whole document, then perplexity on its "
           f"next tokens (up to {ANSWER_TOKENS}) relative to always asking the generalist (below 1 is better); "
           "in brackets, the share of documents where the chosen model does worse than the generalist")
@@ -524,14 +553,6 @@ def main() -> None:
         next((f"{v['ppl_vs_generalist']:.2f}" for k, v in q["by_source"].items() if k.split("/", 1)[1] == src
               and not k.startswith(("validation/", "corpus-test/"))), "-") for src in heldout_sources]
         for name, q in quality.items()]))
-    counts = defaultdict(int)
-    for item in evaluation:
-        counts[f"{item['group']}/{item['form']}"] += 1
-    path = write_results(result_name, {"goals": GOALS, "fallback": args.fallback, "folds": [sorted(f) for f in FOLDS], "items": dict(counts),
-                                     "sources": json.loads((SOURCES / "MANIFEST.json").read_text())["sources"]
-                                     if (SOURCES / "MANIFEST.json").exists() else {},
-                                     "variants": results, "answer_quality": quality,
-                                     "answer_tokens": {"prefix": PREFIX_TOKENS, "answer": ANSWER_TOKENS}})
     print(f"\nwritten to {path}")
 
 

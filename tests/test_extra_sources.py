@@ -67,3 +67,33 @@ def test_extract_cleans_dedupes_and_splits(tmp_path, monkeypatch):
     assert doc["domain"] == "dictionary" and doc["id"].startswith("dictionary-") and doc["split"] in ("train", "validation", "test")
     json.dumps(doc)
     assert extra.devil.__doc__.startswith("dictionary:")
+
+
+def test_scipy_pandas_and_gimp_pages_keep_their_content_only(tmp_path):
+    scipy = tmp_path / "usr/share/doc/python-scipy-doc/html"
+    (scipy / "tutorial").mkdir(parents=True)
+    (scipy / "tutorial/integrate.html").write_text(
+        '<nav>Installing User Guide</nav><main class="bd-content"><h1>Integration</h1><p>quad integrates a function'
+        '</p></main><div class="prev-next-info">previous page</div><footer>Copyright</footer>', encoding="utf-8")
+    (scipy / "release.1.10.0.html").write_text('<main class="x"><p>Fixed a bug</p></main>', encoding="utf-8")
+    assert [text.split() for _, text in extra.scipy_doc(tmp_path)] == [["Integration", "quad", "integrates", "a", "function"]]
+
+    pandas = tmp_path / "usr/share/doc/python-pandas-doc/html/_sources"
+    for name, body in {"user_guide/io.rst.txt": "IO tools\n========\n\nread_csv reads a file.\n",
+                       "reference/api/pandas.Series.rdiv.rst.txt": "pandas.Series.rdiv\n==================\n",
+                       "whatsnew/v1.5.0.rst.txt": "What's new\n==========\n\nBug fixes.\n"}.items():
+        (pandas / name).parent.mkdir(parents=True, exist_ok=True)
+        (pandas / name).write_text(body, encoding="utf-8")
+    pages = list(extra.pandas_doc(tmp_path))
+    assert [source.rsplit("/", 2)[-2:] for source, _ in pages] == [["user_guide", "io.rst.txt"]]
+    assert "read_csv reads a file." in pages[0][1]
+
+    gimp = tmp_path / "usr/share/gimp/2.0/help/ja"
+    gimp.mkdir(parents=True)
+    (gimp / "gimp-concepts-palettes.html").write_text(
+        '<html><body><div class="navheader"><table><tr><td>前へ</td><td>次へ</td></tr></table></div>'
+        '<div class="sect1"><h2>12. パレット</h2><p>パレットとは色の集合です。</p></div>'
+        '<div class="navfooter"><table><tr><td>ホーム</td></tr></table></div></body></html>', encoding="utf-8")
+    texts = [text for _, text in extra.gimp_help_ja(tmp_path)]
+    assert "パレットとは色の集合です。" in "".join(texts)
+    assert not any(word in "".join(texts) for word in ("前へ", "次へ", "ホーム"))

@@ -142,6 +142,30 @@ def sphinx_doc(root: Path) -> Iterator[tuple[str, str]]:
         yield f"debian:sphinx-doc:/{path.relative_to(root)}", strip_rest(path.read_text(encoding="utf-8", errors="replace"))
 
 
+def scipy_doc(root: Path) -> Iterator[tuple[str, str]]:
+    """code: the SciPy 1.10 documentation (python-scipy-doc, HTML): tutorials, API reference, developer guide."""
+    base = root / "usr/share/doc/python-scipy-doc/html"
+    for path in sorted(base.rglob("*.html")):
+        relative = path.relative_to(base).as_posix()
+        if relative.startswith(("release", "genindex", "py-modindex", "search", "_")):
+            continue  # release notes are lists of fixes; the rest is index pages
+        body = _html_between(path.read_text(encoding="utf-8", errors="replace"), '<main class=',
+                             ('<div class="prev-next', "<footer"))
+        if body:
+            yield f"debian:python-scipy-doc:/{path.relative_to(root)}", _html_text(body)
+
+
+def pandas_doc(root: Path) -> Iterator[tuple[str, str]]:
+    """code: the pandas 1.5 documentation (python-pandas-doc), from its reST sources: user guide, tutorials,
+    development and reference overviews (not the one-line autosummary stubs, not the release notes)."""
+    base = root / "usr/share/doc/python-pandas-doc/html/_sources"
+    for path in sorted(base.rglob("*.txt")):
+        relative = path.relative_to(base).as_posix()
+        if relative.startswith(("whatsnew", "reference/api/")):
+            continue
+        yield f"debian:python-pandas-doc:/{path.relative_to(root)}", strip_rest(path.read_text(encoding="utf-8", errors="replace"))
+
+
 # ----------------------------------------------------------------- dictionary
 
 
@@ -231,6 +255,18 @@ def libreoffice_help_ja(root: Path) -> Iterator[tuple[str, str]]:
             yield f"debian:libreoffice-help-ja:/{path.relative_to(root)}", _html_text(body)
 
 
+def gimp_help_ja(root: Path) -> Iterator[tuple[str, str]]:
+    """japanese: the GIMP 2.10 user manual in Japanese (gimp-help-ja, HTML), each page without its navigation."""
+    for path in sorted((root / "usr/share/gimp/2.0/help/ja").glob("*.html")):
+        html = path.read_text(encoding="utf-8", errors="replace")
+        header = html.find('<div class="navheader"')
+        begin = html.find("</table>", header) if header >= 0 else 0  # the header is a table of links
+        end = html.find('<div class="navfooter"')
+        body = html[max(begin, 0):end if end > 0 else len(html)]
+        for section in html_sections(body):
+            yield f"debian:gimp-help-ja:/{path.relative_to(root)}", "\n".join(l.strip() for l in section.splitlines())
+
+
 # ----------------------------------------------------------------- no domain
 
 
@@ -276,6 +312,8 @@ EXTRA_SOURCES: dict[str, tuple[str, list[str], Callable[[Path], Iterator[tuple[s
     "copyright-freeform": ("law", COPYRIGHT_PACKAGES, copyright_freeform),
     "django-doc": ("code", ["python-django-doc"], django_doc),
     "sphinx-doc": ("code", ["sphinx-doc"], sphinx_doc),
+    "scipy-doc": ("code", ["python-scipy-doc"], scipy_doc),
+    "pandas-doc": ("code", ["python-pandas-doc"], pandas_doc),
     "dict-devil": ("dictionary", ["dict-devil"], devil),
     "freedict-eng-jpn": ("dictionary", ["dict-freedict-eng-jpn"], freedict_eng_jpn),
     "bible-kjv": ("literature", ["bible-kjv", "bible-kjv-text"], bible_kjv),
@@ -283,6 +321,7 @@ EXTRA_SOURCES: dict[str, tuple[str, list[str], Callable[[Path], Iterator[tuple[s
     "bofh-excuses": ("literature", ["fortunes-bofh-excuses"], bofh_excuses),
     "manpages-ja": ("japanese", ["manpages-ja"], manpages_ja),
     "libreoffice-help-ja": ("japanese", ["libreoffice-help-ja"], libreoffice_help_ja),
+    "gimp-help-ja": ("japanese", ["gimp-help-ja"], gimp_help_ja),
     "debian-reference-en": (NO_DOMAIN, ["debian-reference-en"], debian_reference_en),
     "debian-handbook": (NO_DOMAIN, ["debian-handbook"], debian_handbook),
     "package-descriptions": (NO_DOMAIN, [], package_descriptions),
