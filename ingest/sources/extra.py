@@ -120,17 +120,23 @@ def copyright_freeform(root: Path) -> Iterator[tuple[str, str]]:
 # ----------------------------------------------------------------- code
 
 
-def django_doc(root: Path) -> Iterator[tuple[str, str]]:
-    """code: the Django 3.2 documentation (python-django-doc, HTML), the content column of each page."""
-    base = root / "usr/share/doc/python-django-doc/html"
+def _sphinx_html(root: Path, package: str, releases: str, start: str, ends: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """A Sphinx HTML manual's pages under usr/share/doc/PACKAGE/html, each cut to its content column (from `start`
+    to the first of `ends`); release notes (pages starting `releases`) and index pages left out."""
+    base = root / f"usr/share/doc/{package}/html"
     for path in sorted(base.rglob("*.html")):
         relative = path.relative_to(base).as_posix()
-        if relative.startswith(("releases/", "genindex", "py-modindex", "search", "_")):
+        if relative.startswith((releases, "genindex", "py-modindex", "search", "_")):
             continue  # release notes are lists of fixes; the rest is index pages
-        body = _html_between(path.read_text(encoding="utf-8", errors="replace"), '<div id="yui-main">',
-                             ('<div class="yui-b" id="sidebar"', '<div id="ft">'))
+        body = _html_between(path.read_text(encoding="utf-8", errors="replace"), start, ends)
         if body:
-            yield f"debian:python-django-doc:/{path.relative_to(root)}", _html_text(body)
+            yield f"debian:{package}:/{path.relative_to(root)}", _html_text(body)
+
+
+def django_doc(root: Path) -> Iterator[tuple[str, str]]:
+    """code: the Django 3.2 documentation (python-django-doc, HTML), the content column of each page."""
+    yield from _sphinx_html(root, "python-django-doc", "releases/", '<div id="yui-main">',
+                            ('<div class="yui-b" id="sidebar"', '<div id="ft">'))
 
 
 def sphinx_doc(root: Path) -> Iterator[tuple[str, str]]:
@@ -144,15 +150,7 @@ def sphinx_doc(root: Path) -> Iterator[tuple[str, str]]:
 
 def scipy_doc(root: Path) -> Iterator[tuple[str, str]]:
     """code: the SciPy 1.10 documentation (python-scipy-doc, HTML): tutorials, API reference, developer guide."""
-    base = root / "usr/share/doc/python-scipy-doc/html"
-    for path in sorted(base.rglob("*.html")):
-        relative = path.relative_to(base).as_posix()
-        if relative.startswith(("release", "genindex", "py-modindex", "search", "_")):
-            continue  # release notes are lists of fixes; the rest is index pages
-        body = _html_between(path.read_text(encoding="utf-8", errors="replace"), '<main class=',
-                             ('<div class="prev-next', "<footer"))
-        if body:
-            yield f"debian:python-scipy-doc:/{path.relative_to(root)}", _html_text(body)
+    yield from _sphinx_html(root, "python-scipy-doc", "release", '<main class=', ('<div class="prev-next', "<footer"))
 
 
 def pandas_doc(root: Path) -> Iterator[tuple[str, str]]:
