@@ -76,8 +76,18 @@ def as_config(config: SenmonConfig | dict | str | Path) -> SenmonConfig:
     return load_config(config)
 
 
+ROUTING_CHARS = 2000  # what routing reads of a prompt: as long as the router's training documents (data/routing)
+
+
 def prompt_text(kind: str, body: dict) -> str:
-    """The text the routing model reads: the user's messages, or the prompt."""
+    """The text the routing model reads: the user's messages, or the prompt, up to its first ROUTING_CHARS
+    characters. Routing is decided on the event loop, and its cost grows with the text (hashing n-grams,
+    tokenizing for the second opinion), so a long prompt is not allowed to hold every other request up; the
+    second opinion reads only the first few dozen tokens anyway."""
+    return _prompt_text(kind, body)[:ROUTING_CHARS]
+
+
+def _prompt_text(kind: str, body: dict) -> str:
     if kind == "chat":
         parts = []
         for message in body.get("messages") or []:

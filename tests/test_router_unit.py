@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from senmon import metrics as m
 from senmon.serve.auth import Keys
 from senmon.serve.errors import ApiError, from_validation
-from senmon.serve.router import app, prompt_text
+from senmon.serve.router import ROUTING_CHARS, app, prompt_text
 from senmon.serve.validation import (MAX_N, check_max_tokens, json_depth_exceeds, parse_json, read_limited,
                                      validate_body)
 from senmon.serve.table import LIVE_S, ServingTable
@@ -54,6 +54,11 @@ def test_routing_reads_the_users_words():
     assert prompt_text("chat", chat) == "法律\nGPL"
     assert prompt_text("completions", {"prompt": ["first", "second"]}) == "first"
     assert prompt_text("completions", {"prompt": [1, 2, 3]}) == ""
+    # a long prompt: routing reads its beginning only, so its cost on the event loop has a bound
+    book = "The licensee may redistribute the work. " * 5000  # 200,000 characters
+    assert prompt_text("completions", {"prompt": book}) == book[:ROUTING_CHARS]
+    long_chat = {"messages": [{"role": "user", "content": book}, {"role": "user", "content": "GPL"}]}
+    assert prompt_text("chat", long_chat) == book[:ROUTING_CHARS]
 
 
 def test_drain_waits_for_every_live_router_and_its_requests():
