@@ -414,10 +414,12 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
     if ROUTER_BEFORE in results:
         policies += [(f"{ROUTER_BEFORE} + second opinion", ROUTER_BEFORE, BELOWS),
                      (f"{ROUTER_BEFORE} + second opinion as configured", ROUTER_BEFORE, [args.configured])]
+    scored: dict[str, tuple] = {}  # variant -> its fold models and their scores, trained once for every policy
     for name, variant, belows in policies:
-        classifiers = train_variant(*VARIANTS[variant], corpus, extra)
-        prefix_best, prefix_confidence = score(classifiers, rows, key="prefix_text")
-        best, confidence = score(classifiers, evaluation)
+        if variant not in scored:
+            models = train_variant(*VARIANTS[variant], corpus, extra)
+            scored[variant] = (models, *score(models, rows, key="prefix_text"), *score(models, evaluation))
+        classifiers, prefix_best, prefix_confidence, best, confidence = scored[variant]
         if name == "the router + second opinion":
             threshold = results[ROUTER]["threshold"]["threshold"] if ROUTER in results else 0.5
             quality_policies[f"the router's classifier at its threshold ({threshold:.2f})"] = [
