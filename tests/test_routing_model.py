@@ -8,11 +8,13 @@ import re
 from pathlib import Path
 
 import joblib
+import numpy as np
 import pytest
 
 from sklearn.linear_model import LogisticRegression
 
-from senmon.train.routing import CHAR13, DEFAULT_FEATURES, WORDS_CHARS, RoutingModel, normalise_layout, vectorizer
+from senmon.train.routing import (CHAR13, DEFAULT_FEATURES, WORDS_CHARS, GramColumns, RoutingModel, normalise_layout,
+                                  vectorizer, words_and_chars)
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 DOMAINS = ["law", "code", "dictionary", "literature", "japanese"]
@@ -90,6 +92,22 @@ def test_fast_scores_equal_the_classifiers_own_probabilities(words_chars_model):
         expected = model.classifier.predict_proba(model.vectorizer.transform(sample))
         assert model.scores(sample) == pytest.approx(expected, abs=1e-12)
     assert DEFAULT_FEATURES == WORDS_CHARS  # the model train_router builds
+
+
+def test_cached_columns_are_the_analyzers_own_through_cache_clears(words_chars_model):
+    """GramColumns caches each word's and token's columns; what it returns must be the multiset HashingVectorizer
+    hashes from words_and_chars, on long documents (cut as the router cuts them, 2,000 characters), Japanese and
+    repeats, also when the cache is so small that it empties itself mid-text."""
+    sample = [t[:2000] for ts in texts("test", 6).values() for t in ts] + ["", "日本語の文書", "a b a b a"]
+    n = words_chars_model.vectorizer.n_features
+    for columns in (GramColumns(n), GramColumns(n, max_entries=50)):
+        for text in sample + sample:  # the second pass reads the cache
+            expected = words_chars_model.vectorizer.transform([text]).indices
+            got = columns(text)
+            assert sorted(set(got.tolist())) == sorted(expected.tolist())
+            assert len(got) == len(words_and_chars(text))
+    expected = words_chars_model.classifier.predict_proba(words_chars_model.vectorizer.transform(sample))
+    assert words_chars_model.scores(sample + sample) == pytest.approx(np.vstack([expected, expected]), abs=1e-12)
 
 
 def test_unknown_features_are_refused():

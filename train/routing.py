@@ -13,7 +13,9 @@ routes as well as a long document. bench/routing.py measures it against the firs
 docs/serving.md has the numbers.
 Predicting one prompt takes about a millisecond: `RoutingModel.scores` hashes each text's features itself
 (`hashed_features`, the same numbers as scikit-learn's HashingVectorizer, which spends 1.5 ms of checks and sparse
-matrix building on one short text) and reads only those rows of the weights.
+matrix building on one short text) and reads only those rows of the weights. For WORDS_CHARS it also keeps the
+columns of each word and whitespace-separated token it has seen (`GramColumns`), so a long prompt costs dictionary
+lookups rather than one MurmurHash call per n-gram (a 2,000-character prompt had 5,000 n-grams).
 """
 
 from __future__ import annotations
@@ -85,16 +87,59 @@ def vectorizer(features: str = CHAR13):
     raise ValueError(f"unknown routing features {features!r}; choose from {', '.join(FEATURES)}")
 
 
-def hashed_features(grams: list[str], n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """One text's features as HashingVectorizer(alternate_sign=False, norm="l2") computes them: the column of each
-    n-gram (the absolute value of its signed 32-bit MurmurHash3, seed 0, modulo `n_features`), the counts of each
-    column, l2-normalised. Returns (columns, values); no columns for a text without n-grams."""
-    columns, counts = np.unique(np.fromiter((abs(murmurhash3_32(g, seed=0)) % n_features for g in grams),
-                                            dtype=np.int64, count=len(grams)), return_counts=True)
+def gram_column(gram: str, n_features: int) -> int:
+    """HashingVectorizer's column of one n-gram (alternate_sign=False): |signed MurmurHash3, seed 0| mod n_features."""
+    return abs(murmurhash3_32(gram, seed=0)) % n_features
+
+
+class GramColumns:
+    """The hashed columns of `words_and_chars(text)` (the same multiset, in another order), from a bounded cache of
+    each word's and each token's columns: natural text repeats its words, so most of a prompt is lookups."""
+
+    def __init__(self, n_features: int, max_entries: int = 100_000):
+        self.n_features, self.max_entries = n_features, max_entries
+        self._words: dict[str, int] = {}  # "w word" and "w word word" -> column
+        self._tokens: dict[str, np.ndarray] = {}  # " token " (padded) -> the columns of its char 2-4-grams
+
+    def _lookup(self, cache: dict, keys: list[str], compute) -> list:
+        try:  # the common case, every key seen before: one comprehension of lookups
+            return [cache[key] for key in keys]
+        except KeyError:
+            if len(cache) + len(keys) > self.max_entries:
+                cache.clear()
+            for key in keys:
+                if key not in cache:
+                    cache[key] = compute(key)
+            return [cache[key] for key in keys]
+
+    def _token_columns(self, padded: str) -> np.ndarray:
+        grams = [padded[i:i + n] for n in (2, 3, 4) for i in range(len(padded) - n + 1)]
+        return np.fromiter((gram_column(g, self.n_features) for g in grams), dtype=np.int64, count=len(grams))
+
+    def __call__(self, text: str) -> np.ndarray:
+        text = normalise_layout(text)
+        words = _WORD.findall(text)
+        grams = ["w " + w for w in words] + ["w " + a + " " + b for a, b in zip(words, words[1:])]
+        singles = self._lookup(self._words, grams, lambda gram: gram_column(gram, self.n_features))
+        parts = self._lookup(self._tokens, [f" {token} " for token in text.split(" ")], self._token_columns)
+        parts.append(np.array(singles, dtype=np.int64))
+        return np.concatenate(parts)
+
+
+def l2_counts(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique columns, their counts l2-normalised): HashingVectorizer's norm="l2" row."""
+    columns, counts = np.unique(columns, return_counts=True)
     values = counts.astype(np.float64)
     if values.size:
         values /= np.sqrt(values @ values)
     return columns, values
+
+
+def hashed_features(grams: list[str], n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """One text's features as HashingVectorizer(alternate_sign=False, norm="l2") computes them: the column of each
+    n-gram (the absolute value of its signed 32-bit MurmurHash3, seed 0, modulo `n_features`), the counts of each
+    column, l2-normalised. Returns (columns, values); no columns for a text without n-grams."""
+    return l2_counts(np.fromiter((gram_column(g, n_features) for g in grams), dtype=np.int64, count=len(grams)))
 
 
 def snippets(text: str, rng: random.Random, count: int = SNIPPETS_PER_DOC) -> list[str]:
@@ -136,6 +181,7 @@ class RoutingModel:
         self.features = meta.get("features", CHAR13)  # models saved before features had names are CHAR13
         self.vectorizer = vectorizer(self.features)
         self._analyzer = self.vectorizer.build_analyzer()
+        self._columns = GramColumns(self.vectorizer.n_features) if self.features == WORDS_CHARS else None
         self.labels: list[str] = [str(label) for label in classifier.classes_]
         self._weights = self._bias = None
         if hasattr(classifier, "coef_"):  # not the one-specialist model
@@ -175,7 +221,10 @@ class RoutingModel:
             return np.ones((len(texts), 1))
         decision = np.empty((len(texts), self._weights.shape[1]))
         for row, text in enumerate(texts):  # the rows of the weights each text's features select
-            columns, values = hashed_features(self._analyzer(text), self.vectorizer.n_features)
+            if self._columns is not None:
+                columns, values = l2_counts(self._columns(text))
+            else:
+                columns, values = hashed_features(self._analyzer(text), self.vectorizer.n_features)
             decision[row] = values @ self._weights[columns]
         decision += self._bias
         if decision.shape[1] == 1:  # two classes: one logit
