@@ -16,7 +16,9 @@ is measured the same way, leave-one-source-out.
 The fallback threshold is chosen on validation text only: the corpus's validation split and the `validation`
 split of the extra sources (in-domain and no-domain), never on what is reported. Reported on the rest: the share
 of no-domain text that falls back, and the share of in-domain text that falls back when it should not (held-out
-sources and the corpus's own test split). Latency: one prompt per `route` call, as the router calls it.
+sources and the corpus's own test split). Latency: one prompt per `route` call, as the router calls it, by a
+fresh copy of the classifier (nothing cached), the second opinion on the router's torch threads
+(`serve.likelihood_threads`, 1 by default) and, for comparison, on 2.
 
 Likelihood routing (serve/likelihood.py) needs a trained system, the serving versions of the generalist and every
 specialist (`--models`, a storage root; default: the embedded config's, which `make demo` fills): each model scores
@@ -234,9 +236,19 @@ def measure(evaluation: list[dict], best: list[str], confidence: list[float], th
     return result
 
 
-def latency(model: RoutingModel, evaluation: list[dict]) -> dict:
+def latency_prompts(evaluation: list[dict]) -> list[str]:
     prompts = [item["text"] for item in evaluation if item["group"] in ("heldout", "ood-test")]
-    prompts = random.Random(0).sample(prompts, min(LATENCY_PROMPTS, len(prompts)))
+    return random.Random(0).sample(prompts, min(LATENCY_PROMPTS, len(prompts)))
+
+
+def fresh(model: RoutingModel) -> RoutingModel:
+    """A copy as a router replica loads it: nothing cached (train/routing.py's GramColumns), so the latency is that
+    of a router meeting these prompts' words for the first time, not of one that scored them all already."""
+    return RoutingModel.loads(model.dumps())
+
+
+def latency(model: RoutingModel, evaluation: list[dict]) -> dict:
+    model, prompts = fresh(model), latency_prompts(evaluation)
     for prompt in prompts[:20]:
         model.route([prompt])  # warm-up
     times = []
@@ -366,24 +378,36 @@ def answer_quality(rows: list[dict], chosen: list[str]) -> dict:
             "by_source": {f"{g}/{s}": summary(v) for (g, s), v in by_source.items()}}
 
 
-def likelihood_latency(model: RoutingModel, scorer, evaluation: list[dict], below: float, margin: float) -> dict:
-    """One prompt at a time, as the router decides: the classifier, then the second opinion where it fires."""
+def likelihood_latency(model: RoutingModel, scorer, evaluation: list[dict], below: float, margin: float,
+                       threads: list[int]) -> dict:
+    """One prompt at a time, as the router decides: the classifier (a fresh copy), then the second opinion where it
+    fires, with torch on each of `threads` threads; the first is the router's (serve.likelihood_threads: a
+    replica's torch has 1 unless configured), whose numbers are the result's own."""
+    import torch
+
     from senmon.serve.likelihood import decide
 
-    prompts = [item["text"] for item in evaluation if item["group"] in ("heldout", "ood-test")]
-    prompts = random.Random(0).sample(prompts, min(LATENCY_PROMPTS, len(prompts)))
-    times, second = [], []
-    for prompt in prompts[:20] + prompts:
-        started = time.perf_counter()
-        route = model.route([prompt])[0]
-        if route.confidence < below:
-            decide(scorer.nll([prompt])[0], "generalist", margin)
-            second.append((time.perf_counter() - started) * 1000)
-        times.append((time.perf_counter() - started) * 1000)
-    times, second = sorted(times[20:]), sorted(second)
-    return {"p50_ms": statistics.median(times), "p99_ms": times[int(0.99 * (len(times) - 1))], "prompts": len(times),
+    prompts, before, by_threads = latency_prompts(evaluation), torch.get_num_threads(), {}
+    for count in threads:
+        torch.set_num_threads(count)
+        classifier, times, second = fresh(model), [], []
+        try:
+            for prompt in prompts[:20] + prompts:
+                started = time.perf_counter()
+                route = classifier.route([prompt])[0]
+                if route.confidence < below:
+                    decide(scorer.nll([prompt])[0], "generalist", margin)
+                    second.append((time.perf_counter() - started) * 1000)
+                times.append((time.perf_counter() - started) * 1000)
+        finally:
+            torch.set_num_threads(before)
+        times, second = sorted(times[20:]), sorted(second)
+        by_threads[count] = {
+            "p50_ms": statistics.median(times), "p99_ms": times[int(0.99 * (len(times) - 1))], "prompts": len(times),
+            "second_opinion_fired": len(second) / (len(prompts) + 20),
             "second_opinion_p50_ms": statistics.median(second) if second else None,
             "second_opinion_p99_ms": second[int(0.99 * (len(second) - 1))] if second else None}
+    return {**by_threads[threads[0]], "torch_threads": threads[0], "by_torch_threads": by_threads}
 
 
 def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict], results: dict) -> dict:
@@ -452,7 +476,8 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
                                        "validation_answer_ppl_vs_generalist": ppl},
                          "second_opinion_fired": rate(fired),
                          "at_chosen_threshold": measure(evaluation, chosen, [1.0] * len(chosen), 0.0),
-                         "latency": likelihood_latency(classifiers[0], scorer, evaluation, below, margin)}
+                         "latency": likelihood_latency(classifiers[0], scorer, evaluation, below, margin,
+                                                       list(dict.fromkeys([args.threads, 2])))}
         quality_policies[f"{name} (below {below}, margin {margin})"] = combined(
             prefix_best, prefix_confidence, prefix_nll, below, margin)[0]
         print(f"{name}: below {below}, margin {margin}: validation answers {ppl:.3f}x the generalist's perplexity; "
@@ -486,6 +511,7 @@ def main() -> None:
     args.models = args.models or config.storage_root
     args.tokens = args.tokens or config.serve.likelihood_tokens
     args.configured, args.configured_margin = config.serve.second_opinion_below, config.serve.likelihood_margin
+    args.threads = config.serve.likelihood_threads
     corpus, extra = load()
     evaluation = evaluation_items(corpus, extra)
     results = {}
@@ -535,6 +561,13 @@ def main() -> None:
     print("\nHeld-out sources, accuracy whole / 100-char snippet; fallback at the threshold chosen on validation text")
     print(table(["variant", *DOMAINS, "threshold", "OOD -> fallback", "false fallback (held-out)",
                  "false fallback (corpus test)", "p50 / p99 ms"], rows))
+    threaded = [(name, count, m) for name, r in results.items() for count, m in r["latency"].get("by_torch_threads", {}).items()]
+    if threaded:
+        print("\nRouting decision latency by torch threads of the second opinion (the router's: serve.likelihood_threads)")
+        print(table(["variant", "torch threads", "p50 / p99 ms", "second opinion fired", "second opinion p50 / p99 ms"],
+                    [[name, count, f"{m['p50_ms']:.2f} / {m['p99_ms']:.2f}", pct(m["second_opinion_fired"]),
+                      f"{m['second_opinion_p50_ms']:.2f} / {m['second_opinion_p99_ms']:.2f}" if m["second_opinion_p50_ms"]
+                      else "-"] for name, count, m in threaded]))
     print("\nBy held-out source (whole / snippet)")
     names = [n for n, (d, _, _) in EXTRA_SOURCES.items() if d != NO_DOMAIN]
     print(table(["variant", *names], [[v] + [by_source(r, "heldout_accuracy_by_source", n) for n in names] for v, r in results.items()]))

@@ -346,6 +346,9 @@ class ServeConfig(_Strict):
     likelihood_tokens: int = Field(
         32, ge=8, le=4096, description="Prompt tokens the second opinion scores (its cost grows with them; "
                                        "bench/routing.py measures answer quality at 16-64).")
+    likelihood_threads: int = Field(
+        1, ge=1, le=64, description="Torch threads of the second opinion's forward pass in each router replica "
+                                    "(a replica holds half a CPU; bench/routing.py measures latency at this and 2).")
     quality_aware: bool = Field(
         True, description="With model 'auto', send a request to a specialist only when its serving version's "
                           "validation perplexity on its own domains beats the generalist's serving version there.")

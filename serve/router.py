@@ -220,8 +220,8 @@ class Router:
         self.generalist = self.config.generalist.name
         self.models = [s.name for s in self.config.specialists] + [self.generalist]
         self.routing = load_router(self.config.storage_root)
-        self.likelihood = LikelihoodScorer(self.config.serve.likelihood_tokens) if self.config.serve.second_opinion \
-            else None
+        self.likelihood = LikelihoodScorer(self.config.serve.likelihood_tokens, self.config.serve.likelihood_threads) \
+            if self.config.serve.second_opinion else None
         self._likelihood_sync: asyncio.Task | None = None
         self.replica = uuid.uuid4().hex[:12]
         self.status_view = RouterStatus(self.config, self.replica)  # /status: this replica's routing mix, admin swaps
