@@ -70,7 +70,7 @@ class StackedLlama:
             return torch.stack([get(m).detach().float() for m in models])
 
         self.embed = stack(lambda m: m.model.embed_tokens.weight)  # [M, V, h]
-        self.head_t = stack(lambda m: m.lm_head.weight).transpose(1, 2).contiguous()  # [M, h, V]
+        self.head = stack(lambda m: m.lm_head.weight).contiguous()  # [M, V, h]
         self.final_norm = stack(lambda m: m.model.norm.weight)[:, None, :]
         self.layers = []
         for i in range(config.num_hidden_layers):
@@ -117,11 +117,15 @@ class StackedLlama:
                               layer["down"])
         # the last position predicts nothing here: leave it out of the head, the largest matmul (vocabulary-wide)
         x = x.view(models, batch, length, -1)[:, :, :-1].reshape(models, batch * (length - 1), -1)
-        logits = torch.bmm(self._norm(x, self.final_norm), self.head_t)  # [M, B*(T-1), V]
-        targets = ids[:, 1:].reshape(1, -1).expand(models, -1)
-        # one fused log-softmax and pick (cross_entropy), not logsumexp's separate passes over the vocabulary
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 reduction="none").view(models, batch, length - 1)
+        # logits as [M, V, positions]: the vocabulary-wide matmul is 1.5x faster this way round on CPU (a few dozen
+        # positions against thousands of rows), and the log-sum-exp then runs along V over contiguous positions,
+        # in place; cross_entropy over [M*positions, V] was 1.3x slower in all (1 thread, 6 models, 32 tokens)
+        logits = torch.bmm(self.head, self._norm(x, self.final_norm).transpose(1, 2))
+        targets = ids[:, 1:].reshape(1, 1, -1).expand(models, 1, -1)
+        picked = logits.gather(1, targets)[:, 0]  # [M, positions]
+        peak = logits.amax(dim=1, keepdim=True)
+        log_normaliser = logits.sub_(peak).exp_().sum(dim=1).log_() + peak[:, 0]
+        return (log_normaliser - picked).view(models, batch, length - 1)
 
 
 def stackable(model: torch.nn.Module) -> tuple | None:
