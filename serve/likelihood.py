@@ -205,7 +205,26 @@ class LikelihoodScorer:
     # ------------------------------------------------------------------ scoring
 
     def ids(self, text: str, limit: int | None = None) -> list[int]:
-        return [EOT_ID] + self.tokenizer.encode(text, add_special_tokens=False).ids[:limit or self.max_tokens]
+        limit = limit or self.max_tokens
+        return [EOT_ID] + self.tokenizer.encode(self.head(text, limit), add_special_tokens=False).ids[:limit]
+
+    def head(self, text: str, tokens: int) -> str:
+        """A start of `text` whose tokens begin with the whole text's first `tokens`: whole pre-tokens (BPE works
+        within each, and each gives at least one token), at least `tokens` of them, ending on a pre-token that does
+        not end in whitespace (a whitespace run splits by what follows it). Looked for in the first 16 characters
+        per token, then in the whole text. Encoding a whole 2,000-character prompt for 32 tokens cost 0.9 ms at
+        p50 and up to 4 ms (a long unspaced Japanese pre-token is BPE's worst case). A tokenizer with a normalizer
+        (offsets into another string) gets the whole text."""
+        if self.tokenizer.normalizer is not None or self.tokenizer.pre_tokenizer is None:
+            return text
+        for window in (text[:16 * tokens], text):
+            pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(window)
+            for _, (_, end) in pieces[tokens - 1:-1]:  # never the last: the window may have cut it short
+                if not window[end - 1].isspace():
+                    return text[:end]
+            if len(window) == len(text):
+                break
+        return text
 
     def _stacks(self, models: dict[str, torch.nn.Module]) -> list[tuple[list[str], StackedLlama | None]]:
         """Groups of models that run as one StackedLlama (cached until the models change); a model that cannot

@@ -107,3 +107,28 @@ def test_the_policies_benchmark_routes_as_the_router_does_and_restricts_as_it_sa
     p = {"law": 0.6, "code": 0.1, "dictionary": 0.1, "literature": 0.1, "japanese": 0.1}
     nll = {"law": 3.0, "code": 2.9, "dictionary": 4, "literature": 4, "japanese": 4, "generalist": 3.5}
     assert router(p, nll, 1.01, 0.0)[0] == "code" and router(p, nll, 1.01, 0.0, w=0.5)[0] == "law"
+
+
+def test_the_prompt_head_holds_the_same_first_tokens_as_the_whole_prompt(tmp_path):
+    """LikelihoodScorer.ids encodes only the start of a prompt that holds its first tokens; they must be the
+    tokens the whole prompt's encoding begins with, at every limit, on every domain's corpus text (Japanese has
+    sentence-long pre-tokens) and on whitespace runs, which split by what follows them."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    corpus = Path(__file__).resolve().parents[1] / "data" / "corpus" / "validation"
+    texts = [json.loads(line)["text"] for path in sorted(corpus.glob("*.jsonl"))
+             for line in path.read_text(encoding="utf-8").splitlines()[:40]]
+    texts += ["word.\n\nNext", "a   b", "x  \n  y", "end.   ", "   ", "", "It's John's.\n\n\tTabbed", "日本語" * 400]
+    scorer = LikelihoodScorer(max_tokens=32)
+    scorer.tokenizer = Tokenizer.from_str(train_tokenizer(texts, vocab_size=400).backend_tokenizer.to_str())
+    assert scorer.tokenizer.normalizer is None and scorer.tokenizer.pre_tokenizer is not None  # the path under test
+    shorter = 0
+    for text in texts:
+        for limit in (1, 2, 8, 32, 64):
+            whole = scorer.tokenizer.encode(text, add_special_tokens=False).ids[:limit]
+            assert scorer.ids(text, limit) == [0] + whole, (text[:60], limit)
+            shorter += len(scorer.head(text, limit)) < len(text)
+    assert shorter > len(texts)  # the head is usually shorter: the point of it
