@@ -107,10 +107,13 @@ class GramColumns:
         except KeyError:
             if len(cache) + len(keys) > self.max_entries:
                 cache.clear()
-            for key in keys:
-                if key not in cache:
-                    cache[key] = compute(key)
-            return [cache[key] for key in keys]
+            result = []
+            for key in keys:  # not read back from the cache afterwards: another thread may have cleared it
+                value = cache.get(key)
+                if value is None:
+                    value = cache[key] = compute(key)
+                result.append(value)
+            return result
 
     def _token_columns(self, padded: str) -> np.ndarray:
         grams = [padded[i:i + n] for n in (2, 3, 4) for i in range(len(padded) - n + 1)]
