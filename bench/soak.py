@@ -192,16 +192,6 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else None
 
 
-def small_corpus(target: Path, per_split: dict[str, int]) -> Path:
-    """The first documents of each domain and split: enough for the routing model, quick to train."""
-    for split, count in per_split.items():
-        (target / split).mkdir(parents=True, exist_ok=True)
-        for source in (REPO / "data" / "corpus" / split).glob("*.jsonl"):
-            lines = source.read_text(encoding="utf-8").splitlines()[:count]
-            (target / split / source.name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return target
-
-
 def admin(url: str, action: str, body: dict) -> dict:
     started = time.monotonic()
     response = httpx.post(f"{url}/admin/{action}", json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
@@ -229,7 +219,7 @@ def main() -> None:
     from senmon.ingest.broker import free_port
     from senmon.ingest.store import DatasetStore
     from senmon.serve.app import deploy, shutdown
-    from senmon.serve.testing import tiny_checkpoint
+    from senmon.serve.testing import small_corpus, tiny_checkpoint
     from senmon.train.job import tokenizer_json
     from senmon.train.routing import train_router
 

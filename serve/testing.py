@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"  # the shipped corpus, beside this package
+
 
 def tiny_checkpoint(directory: str | Path, tokenizer_json: str, *, hidden_size: int = 64, layers: int = 2,
                     max_len: int = 128, seed: int = 0, init_std: float = 0.2) -> str:
@@ -37,3 +39,15 @@ def tiny_checkpoint(directory: str | Path, tokenizer_json: str, *, hidden_size: 
     tokenizer.save_pretrained(directory)
     write_reference(directory, compute_reference(model, tokenizer))
     return str(directory)
+
+
+def small_corpus(target: str | Path, per_split: dict[str, int], corpus_dir: str | Path = CORPUS) -> Path:
+    """The first documents of each domain and split of the shipped corpus, written under `target`: enough to
+    route, quick to train on (the serving and CLI tests, the soak benchmark)."""
+    target = Path(target)
+    for split, count in per_split.items():
+        (target / split).mkdir(parents=True, exist_ok=True)
+        for source in (Path(corpus_dir) / split).glob("*.jsonl"):
+            lines = source.read_text(encoding="utf-8").splitlines()[:count]
+            (target / split / source.name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target

@@ -34,16 +34,6 @@ JAPANESE = "吾輩は猫である。名前はまだ無い。どこで生れた�
 VAGUE = "hello"  # no domain: the router is unsure
 
 
-def small_corpus(target: Path, per_split: dict[str, int]) -> Path:
-    """The first documents of each domain and split: enough to route, quick to train on."""
-    for split, count in per_split.items():
-        (target / split).mkdir(parents=True, exist_ok=True)
-        for source in (REPO / "data" / "corpus" / split).glob("*.jsonl"):
-            lines = source.read_text(encoding="utf-8").splitlines()[:count]
-            (target / split / source.name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return target
-
-
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory, embedded_config_data):
     from ray import serve
@@ -52,7 +42,7 @@ def served(ray_local, tmp_path_factory, embedded_config_data):
     from senmon.ingest.broker import free_port
     from senmon.ingest.store import DatasetStore
     from senmon.serve.app import deploy, shutdown
-    from senmon.serve.testing import tiny_checkpoint
+    from senmon.serve.testing import small_corpus, tiny_checkpoint
     from senmon.train.job import tokenizer_json
     from senmon.train.routing import train_router
 
