@@ -66,40 +66,6 @@ def clients(count: int) -> list[tuple[str, str, dict]]:
     return [kinds[i % len(kinds)] for i in range(count)]
 
 
-class Load:
-    """The clients, each a thread; `results` holds (label, sent, answered, status) per request."""
-
-    def __init__(self, url: str, specs: list[tuple[str, str, dict]]):
-        self.url, self.results, self.stop = url, [], threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=spec, daemon=True) for spec in specs]
-
-    def run(self, label: str, path: str, body: dict) -> None:
-        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300) as http:
-            while not self.stop.is_set():
-                sent = time.monotonic()
-                try:
-                    if body.get("stream"):
-                        with http.stream("POST", path, json=body) as response:
-                            text = response.read().decode()
-                        status = response.status_code
-                        if status == 200 and ('data: {"error"' in text or "data: [DONE]" not in text):
-                            status = "stream-error"
-                    else:
-                        status = http.post(path, json=body).status_code
-                except httpx.HTTPError as error:
-                    status = type(error).__name__
-                self.results.append((label, sent, time.monotonic(), status))
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(300)
-
-
 # --------------------------------------------------------------------------- memory
 
 
@@ -219,7 +185,7 @@ def main() -> None:
     from senmon.ingest.broker import free_port
     from senmon.ingest.store import DatasetStore
     from senmon.serve.app import deploy, shutdown
-    from senmon.serve.testing import small_corpus, tiny_checkpoint
+    from senmon.serve.testing import Traffic, small_corpus, tiny_checkpoint
     from senmon.train.job import tokenizer_json
     from senmon.train.routing import train_router
 
@@ -256,7 +222,7 @@ def main() -> None:
     print(f"{args.minutes:g} minutes of load from {len(specs)} clients: " + "; ".join(s[0] for s in specs), flush=True)
     origin = time.monotonic()
     sampler = Sampler(args.sample_s, origin)
-    load = Load(served.url, specs)
+    load = Traffic(served.url, specs, API_KEY)
     sampler.start()
     load.start()
     swaps, promote_at, rollback_at = [], duration * 0.5, duration * 0.6

@@ -1,4 +1,5 @@
-"""Tiny random-initialised checkpoints that vLLM serves, for the serving tests and benchmarks.
+"""Tiny random-initialised checkpoints that vLLM serves, for the serving tests and benchmarks, and their other
+shared helpers (a small corpus, HTTP clients sending requests back to back).
 
 Serving does not care whether weights were trained: a `save_pretrained` Llama with the shared
 tokenizer beside it is exactly what a training run registers. These load in seconds, so tests
@@ -7,6 +8,8 @@ and benchmarks can bring engines up without running Ray Train first.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"  # the shipped corpus, beside this package
@@ -51,3 +54,70 @@ def small_corpus(target: str | Path, per_split: dict[str, int], corpus_dir: str 
             lines = source.read_text(encoding="utf-8").splitlines()[:count]
             (target / split / source.name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
+
+
+class Traffic:
+    """Clients sending requests back to back over HTTP, each its own (label, path, body), until `finish` (or the
+    `with` block's end). Records for each request the label, when it was sent and answered, and its status
+    ("stream-error" for a 200 stream that ended in an error event, an exception's name when no response came);
+    `errors` holds each failure's label, status, Retry-After and body."""
+
+    def __init__(self, url: str, clients: list[tuple[str, str, dict]], api_key: str, pause_s: float = 0.0,
+                 join_s: float = 300.0):
+        self.url, self.api_key, self.results, self.errors, self.stop = url, api_key, [], [], threading.Event()
+        self.pause_s = pause_s  # between one answer and a client's next request (0: back to back)
+        self.join_s = join_s  # the longest `finish` waits for each client's request in flight
+        self.threads = [threading.Thread(target=self.run, args=spec, daemon=True) for spec in clients]
+
+    def run(self, label: str, path: str, body: dict) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=300) as http:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    if body.get("stream"):
+                        with http.stream("POST", path, json=body) as response:
+                            text = response.read().decode()
+                        status = response.status_code
+                        if status == 200 and ('data: {"error"' in text or "data: [DONE]" not in text):
+                            status = "stream-error"
+                    else:
+                        response = http.post(path, json=body)
+                        status = response.status_code
+                    if status != 200:
+                        self.errors.append((label, status, response.headers.get("retry-after"),
+                                            response.text[:300] if not body.get("stream") else text[-300:]))
+                except httpx.HTTPError as error:
+                    status = type(error).__name__
+                self.results.append((label, sent, time.monotonic(), status))
+                if self.pause_s:
+                    self.stop.wait(self.pause_s)
+
+    def start(self) -> "Traffic":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(self.join_s)
+
+    def __enter__(self) -> "Traffic":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+    def wait_for(self, label: str | None, since: float, timeout_s: float) -> float | None:
+        """When the first request (to `label`; None: any) sent after `since` was answered with a 200 (None: not
+        within timeout_s)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = [d for lab, sent, d, status in list(self.results)
+                    if label in (None, lab) and sent >= since and status == 200]
+            if done:
+                return min(done)
+            time.sleep(0.1)
+        return None

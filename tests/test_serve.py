@@ -21,6 +21,7 @@ import pytest
 import ray
 
 from senmon.config import parse_config
+from senmon.serve.testing import Traffic
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY, ADMIN_KEY = "test-api-key", "test-admin-key"
@@ -851,65 +852,6 @@ KILL_RECOVERY_S = 300  # longest wait for the replacement (an engine replica's t
 ORPHAN_WAIT_S = 15
 
 
-class Traffic:
-    """Clients sending requests back to back, each its own (label, path, body); records for each request the
-    label, when it was sent and answered, and its status ("stream-error" for a 200 stream that ended in an error
-    event, an exception's name when no response came); `errors` holds each failure's label, status, Retry-After
-    and body."""
-
-    def __init__(self, served, clients: list[tuple[str, str, dict]], pause_s: float = 0.0):
-        import threading
-
-        self.url, self.results, self.errors, self.stop = served[2].url, [], [], threading.Event()
-        self.pause_s = pause_s  # between one answer and a client's next request (0: back to back)
-        self.threads = [threading.Thread(target=self.run, args=spec, daemon=True) for spec in clients]
-
-    def run(self, label: str, path: str, body: dict) -> None:
-        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300) as http:
-            while not self.stop.is_set():
-                sent = time.monotonic()
-                try:
-                    if body.get("stream"):
-                        with http.stream("POST", path, json=body) as response:
-                            text = response.read().decode()
-                        status = response.status_code
-                        if status == 200 and ('data: {"error"' in text or "data: [DONE]" not in text):
-                            status = "stream-error"
-                    else:
-                        response = http.post(path, json=body)
-                        status = response.status_code
-                    if status != 200:
-                        self.errors.append((label, status, response.headers.get("retry-after"),
-                                            response.text[:300] if not body.get("stream") else text[-300:]))
-                except httpx.HTTPError as error:
-                    status = type(error).__name__
-                self.results.append((label, sent, time.monotonic(), status))
-                if self.pause_s:
-                    self.stop.wait(self.pause_s)
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(KILL_RECOVERY_S)
-
-    def wait_for(self, label: str | None, since: float, timeout_s: float) -> float | None:
-        """When the first request (to `label`; None: any) sent after `since` was answered with a 200 (None: not
-        within timeout_s)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            done = [d for lab, sent, d, status in list(self.results)
-                    if label in (None, lab) and sent >= since and status == 200]
-            if done:
-                return min(done)
-            time.sleep(0.1)
-        return None
-
-
 def _percentile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))], 3) if ordered else None
@@ -953,7 +895,7 @@ def _kill_under_load(served, app: str, deployment: str, killed_label: str | None
         except psutil.NoSuchProcess:
             return False
 
-    with Traffic(served, clients, pause_s) as traffic:
+    with Traffic(served[2].url, clients, API_KEY, pause_s, join_s=KILL_RECOVERY_S) as traffic:
         time.sleep(3.0)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
