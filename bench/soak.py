@@ -21,7 +21,6 @@ Writes bench/results/soak.json (the figures, the swaps, and every memory sample)
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import re
 import shutil
@@ -182,24 +181,16 @@ def main() -> None:
         parser.error(f"--minutes {args.minutes}: the run needs the warm-up ({args.warmup_s:.0f} s) and two minutes")
 
     from senmon.actors.registry import get_or_create_registry
-    from senmon.ingest.broker import free_port
     from senmon.ingest.store import DatasetStore
     from senmon.serve.app import deploy, shutdown
-    from senmon.serve.testing import Traffic, small_corpus, tiny_checkpoint
+    from senmon.serve.testing import Traffic, tiny_checkpoint, tiny_serving_data
     from senmon.train.job import tokenizer_json
     from senmon.train.routing import train_router
 
     shutil.rmtree(args.storage, ignore_errors=True)
     root = Path(args.storage)
-    data = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8")))
-    data.update(storage_root=str(root / "storage"),
-                corpus_dir=str(small_corpus(root / "corpus", {"train": 120, "validation": 5, "test": 5})))
-    data["training"] = dict(data["training"], vocab_size=1024, seq_len=MAX_LEN)
-    for spec in data["specialists"]:
-        spec["serving"] = {"max_model_len": MAX_LEN}
-    data["generalist"]["serving"] = {"max_model_len": MAX_LEN}
-    data["http"] = {"host": "127.0.0.1", "port": free_port(), "api_keys": [API_KEY], "admin_keys": [ADMIN_KEY],
-                    "api_keys_env": None, "admin_keys_env": None}
+    data = tiny_serving_data(yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8")), root, MAX_LEN, API_KEY,
+                             ADMIN_KEY)
     data["serve"] = dict(data["serve"], app_name="senmon-soak")
     config = parse_config(data, source="bench soak", base_dir=REPO / "configs")
     ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=False)

@@ -56,6 +56,28 @@ def small_corpus(target: str | Path, per_split: dict[str, int], corpus_dir: str 
     return target
 
 
+def tiny_serving_data(data: dict, root: str | Path, max_len: int, api_key: str, admin_key: str,
+                      test_docs: int = 5) -> dict:
+    """A copy of config data `data` for serving tiny checkpoints under `root`: its storage root and a small corpus
+    there, a 1,024-token vocabulary, every model served at `max_len`, and HTTP on a free loopback port with these
+    keys only (none from the environment)."""
+    import copy
+
+    from senmon.ingest.broker import free_port
+
+    root = Path(root)
+    data = copy.deepcopy(data)
+    data.update(storage_root=str(root / "storage"),
+                corpus_dir=str(small_corpus(root / "corpus", {"train": 120, "validation": 5, "test": test_docs})))
+    data["training"] = dict(data["training"], vocab_size=1024, seq_len=max_len)
+    for spec in data["specialists"]:
+        spec["serving"] = {"max_model_len": max_len}
+    data["generalist"]["serving"] = {"max_model_len": max_len}
+    data["http"] = {"host": "127.0.0.1", "port": free_port(), "api_keys": [api_key], "admin_keys": [admin_key],
+                    "api_keys_env": None, "admin_keys_env": None}
+    return data
+
+
 class Traffic:
     """Clients sending requests back to back over HTTP, each its own (label, path, body), until `finish` (or the
     `with` block's end). Records for each request the label, when it was sent and answered, and its status

@@ -9,7 +9,6 @@ swap without starting another engine.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 import uuid
@@ -40,23 +39,14 @@ def served(ray_local, tmp_path_factory, embedded_config_data):
     from ray import serve
 
     from senmon.actors.registry import get_or_create_registry
-    from senmon.ingest.broker import free_port
     from senmon.ingest.store import DatasetStore
     from senmon.serve.app import deploy, shutdown
-    from senmon.serve.testing import small_corpus, tiny_checkpoint
+    from senmon.serve.testing import tiny_checkpoint, tiny_serving_data
     from senmon.train.job import tokenizer_json
     from senmon.train.routing import train_router
 
     root = tmp_path_factory.mktemp("serve")
-    data = copy.deepcopy(embedded_config_data)
-    data.update(storage_root=str(root / "storage"),
-                corpus_dir=str(small_corpus(root / "corpus", {"train": 120, "validation": 5, "test": 30})))
-    data["training"] = dict(data["training"], vocab_size=1024, seq_len=MAX_LEN)
-    for spec in data["specialists"]:
-        spec["serving"] = {"max_model_len": MAX_LEN}
-    data["generalist"]["serving"] = {"max_model_len": MAX_LEN}
-    data["http"] = {"host": "127.0.0.1", "port": free_port(), "api_keys": [API_KEY], "admin_keys": [ADMIN_KEY],
-                    "api_keys_env": None, "admin_keys_env": None}
+    data = tiny_serving_data(embedded_config_data, root, MAX_LEN, API_KEY, ADMIN_KEY, test_docs=30)
     # the second opinion (random-weight models here) only below THRESHOLD, and with a margin no specialist meets:
     # what the classifier is sure of routes as it says; what it is unsure of falls back, after the likelihoods
     data["serve"] = dict(data["serve"], app_name="stest", confidence_threshold=THRESHOLD, drain_timeout_s=30,
