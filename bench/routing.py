@@ -407,7 +407,32 @@ def likelihood_latency(model: RoutingModel, scorer, evaluation: list[dict], belo
             "second_opinion_fired": len(second) / (len(prompts) + 20),
             "second_opinion_p50_ms": statistics.median(second) if second else None,
             "second_opinion_p99_ms": second[int(0.99 * (len(second) - 1))] if second else None}
-    return {**by_threads[threads[0]], "torch_threads": threads[0], "by_torch_threads": by_threads}
+    return {**by_threads[threads[0]], "torch_threads": threads[0], "by_torch_threads": by_threads,
+            "host_reference_ms": host_reference_ms()}
+
+
+def host_reference_ms(rounds: int = 300) -> float:
+    """This host's speed on the second opinion's largest piece of arithmetic, so that latency runs of different
+    days can be compared: median ms of one vocabulary-wide head for six demo-size models and 32 positions
+    ([6, 4096, 64] x [6, 64, 32], float32, one torch thread, fixed inputs). Compare it between two runs before
+    comparing their latencies: this 2-core virtual machine has run the same forward pass twice as fast on one day
+    as on another."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        head, positions = torch.randn(6, 4096, 64, generator=generator), torch.randn(6, 64, 32, generator=generator)
+        times = []
+        for index in range(rounds + 20):
+            started = time.perf_counter()
+            torch.bmm(head, positions)
+            if index >= 20:
+                times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
 
 
 def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict], results: dict) -> dict:
@@ -563,7 +588,10 @@ def main() -> None:
                  "false fallback (corpus test)", "p50 / p99 ms"], rows))
     threaded = [(name, count, m) for name, r in results.items() for count, m in r["latency"].get("by_torch_threads", {}).items()]
     if threaded:
-        print("\nRouting decision latency by torch threads of the second opinion (the router's: serve.likelihood_threads)")
+        references = [r["latency"]["host_reference_ms"] for r in results.values() if "host_reference_ms" in r["latency"]]
+        print("\nRouting decision latency by torch threads of the second opinion (the router's: serve.likelihood_threads)"
+              + (f"; host reference (one vocabulary-wide head, 1 thread): {min(references):.2f}-{max(references):.2f} ms"
+                 if references else ""))
         print(table(["variant", "torch threads", "p50 / p99 ms", "second opinion fired", "second opinion p50 / p99 ms"],
                     [[name, count, f"{m['p50_ms']:.2f} / {m['p99_ms']:.2f}", pct(m["second_opinion_fired"]),
                       f"{m['second_opinion_p50_ms']:.2f} / {m['second_opinion_p99_ms']:.2f}" if m["second_opinion_p50_ms"]
