@@ -275,7 +275,6 @@ def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_sta
 
 def test_cli_train_and_eval_on_unseen_file(tmp_path, embedded_config_data, capsys):
     """`senmon train` and `senmon eval` as a user runs them (train starts its own Ray; eval needs none)."""
-
     from senmon.cli import main
     from senmon.serve.testing import small_corpus
 
