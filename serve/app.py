@@ -115,11 +115,20 @@ def build_serve_config(config: SenmonConfig, config_path: str | Path | None = No
 
 
 def _ensure_routing_model(config: SenmonConfig) -> None:
+    """Train the routing model when there is none, when the specialists changed, or when the saved one lacks the
+    embedding view train_router now adds (saved before 28 Nov) or was trained with other embedding weights."""
     from senmon.ingest.store import DatasetStore
-    from senmon.train.routing import load_router, train_router
+    from senmon.train.embedding import EmbeddingMissing
+    from senmon.train.routing import DEFAULT_EMBEDDING, load_router, train_router
 
-    existing = load_router(config.storage_root)
-    if existing is None or set(existing.labels) != {s.name for s in config.specialists}:  # none, or a specialist added
+    try:
+        existing = load_router(config.storage_root)
+    except EmbeddingMissing as error:
+        log.warning("retraining the routing model: %s", error)
+        existing = None
+    outdated = existing is not None and DEFAULT_EMBEDDING is not None and len(existing.labels) > 1 \
+        and "embedding" not in existing.meta
+    if existing is None or outdated or set(existing.labels) != {s.name for s in config.specialists}:
         started = time.monotonic()
         train_router(config, DatasetStore(config.storage_root))
         log.info("routing model trained in %.1f s", time.monotonic() - started)

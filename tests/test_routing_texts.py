@@ -123,3 +123,27 @@ def test_a_missing_routing_dir_is_a_clear_error(make_config, store, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="routing_dir .*no-such.* does not exist"):
         train_router(make_config(storage_root=store.root, routing_dir=str(tmp_path / "no-such")), store)
+
+
+def test_deploy_retrains_a_routing_model_saved_without_the_embedding(make_config, store, tmp_path):
+    """A storage root from before the embedding view (28 Nov) holds an n-grams-only routing model; deploying over it
+    (serve/app.py's _ensure_routing_model) trains one with the embedding, as it does for a missing model. One whose
+    embedding weights differ from the installed package's is retrained too, instead of failing to load."""
+    from senmon.serve.app import _ensure_routing_model
+    from senmon.storage import filesystem, write_atomic
+    from senmon.train.routing import RoutingModel, load_router, router_paths
+
+    config = make_config(storage_root=store.root, routing_dir=None)
+    fs, base = filesystem(config.storage_root)
+    train = {s.name: [t for d in s.domains for t in store.texts(d, "train")] for s in config.specialists}
+    old = RoutingModel.train(train, seed=0, embedding=None)
+    write_atomic(fs, router_paths(base)[0], old.dumps())
+    _ensure_routing_model(config)
+    again = load_router(config.storage_root)
+    assert again.embedding_classifier is not None and again.meta["embedding"]["weight"] > 0
+
+    other = RoutingModel.loads(again.dumps())
+    other.meta = {**other.meta, "embedding": {**other.meta["embedding"], "sha256": "f" * 64}}
+    write_atomic(fs, router_paths(base)[0], other.dumps())
+    _ensure_routing_model(config)
+    assert load_router(config.storage_root).meta["embedding"]["sha256"] == again.meta["embedding"]["sha256"]

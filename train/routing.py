@@ -16,6 +16,11 @@ Predicting one prompt takes about a millisecond: `RoutingModel.scores` hashes ea
 matrix building on one short text) and reads only those rows of the weights. For WORDS_CHARS it also keeps the
 columns of each word and whitespace-separated token it has seen (`GramColumns`), so a long prompt costs dictionary
 lookups rather than one MurmurHash call per n-gram (a 2,000-character prompt had 5,000 n-grams).
+Since 28 Nov the model has a second view of each text (`embedding`, on by default): the mean of its token vectors
+in WordLlama's static embedding (train/embedding.py, from PyPI), with a logistic regression of its own; the two
+views' log-probabilities are mixed with `EMBEDDING_WEIGHT` on the embedding's (chosen on validation text,
+bench/routing.py). The n-grams know each source's words; the embedding knows which words mean similar things,
+which is what a source the model never saw shares with the ones it did.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ CHAR13 = "char13"  # hashed char 1-3-grams of the lower-cased text (the first ro
 WORDS_CHARS = "words+chars"  # word 1-2-grams + char 2-4-grams within words, of text with its layout taken out
 FEATURES = (CHAR13, WORDS_CHARS)
 DEFAULT_FEATURES = WORDS_CHARS  # chosen on held-out sources: bench/routing.py, docs/serving.md
+EMBEDDING = "wordllama"  # the second view: train/embedding.py
+DEFAULT_EMBEDDING: str | None = EMBEDDING
+EMBEDDING_WEIGHT = 0.2  # its share of the log-probabilities: the least validation log loss (bench/routing.py)
 
 
 def normalise(text: str) -> str:
@@ -156,6 +164,21 @@ def snippets(text: str, rng: random.Random, count: int = SNIPPETS_PER_DOC) -> li
     return pieces
 
 
+def multinomial(decision: np.ndarray) -> np.ndarray:
+    """LogisticRegression's predict_proba from its decision function: softmax, or for two classes (one logit) the
+    logistic of it."""
+    if decision.shape[1] == 1:
+        positive = expit(decision[:, 0])
+        return np.column_stack([1 - positive, positive])
+    return softmax(decision, axis=1)
+
+
+def mix(ngrams: np.ndarray, embedded: np.ndarray, weight: float) -> np.ndarray:
+    """The two views' probabilities as one: softmax((1 - weight) log p_ngrams + weight log p_embedding)."""
+    return softmax((1 - weight) * np.log(np.maximum(ngrams, 1e-12)) + weight * np.log(np.maximum(embedded, 1e-12)),
+                   axis=1)
+
+
 @dataclass
 class Route:
     specialist: str
@@ -178,9 +201,21 @@ def augmented(text: str, rng: random.Random, features: str) -> list[str]:
 class RoutingModel:
     """Hashed n-gram features + a log-loss linear model over the specialists' names."""
 
-    def __init__(self, classifier: LogisticRegression | SGDClassifier | DummyClassifier, meta: dict):
+    def __init__(self, classifier: LogisticRegression | SGDClassifier | DummyClassifier, meta: dict,
+                 embedding_classifier: LogisticRegression | None = None):
         self.classifier = classifier
         self.meta = meta
+        self.embedding_classifier = embedding_classifier
+        self._embedding = None
+        if embedding_classifier is not None:
+            from senmon.train.embedding import load
+
+            self._embedding = load(meta["embedding"]["sha256"])
+            if [str(c) for c in embedding_classifier.classes_] != [str(c) for c in classifier.classes_]:
+                raise ValueError("the routing model's two classifiers name different specialists")
+            self._embedding_weights = np.ascontiguousarray(embedding_classifier.coef_.T)
+            self._embedding_bias = np.asarray(embedding_classifier.intercept_)
+            self._embedding_weight = float(meta["embedding"]["weight"])
         self.features = meta.get("features", CHAR13)  # models saved before features had names are CHAR13
         self.vectorizer = vectorizer(self.features)
         self._analyzer = self.vectorizer.build_analyzer()
@@ -195,8 +230,11 @@ class RoutingModel:
             self._bias = np.asarray(classifier.intercept_)
 
     @classmethod
-    def train(cls, texts_by_specialist: dict[str, list[str]], seed: int = 0,
-              features: str = DEFAULT_FEATURES) -> "RoutingModel":
+    def train(cls, texts_by_specialist: dict[str, list[str]], seed: int = 0, features: str = DEFAULT_FEATURES,
+              embedding: str | None = DEFAULT_EMBEDDING, embedding_weight: float = EMBEDDING_WEIGHT) -> "RoutingModel":
+        """`embedding`: EMBEDDING adds the static-embedding view (train/embedding.py), None trains n-grams alone."""
+        if embedding not in (None, EMBEDDING):
+            raise ValueError(f"unknown routing embedding {embedding!r}; choose {EMBEDDING!r} or None")
         rng = random.Random(seed)
         texts, labels = [], []
         for name, docs in sorted(texts_by_specialist.items()):
@@ -214,12 +252,33 @@ class RoutingModel:
             classifier = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=20, tol=None, random_state=seed)
         classifier.fit(matrix, labels)
         meta = {"trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "features": features,
-                "examples": len(texts), "documents": {k: len(v) for k, v in texts_by_specialist.items()},
-                "train_s": time.monotonic() - started}
-        return cls(classifier, meta)
+                "examples": len(texts), "documents": {k: len(v) for k, v in texts_by_specialist.items()}}
+        embedding_classifier = None
+        if embedding and len(set(labels)) > 1:
+            from senmon.train.embedding import MAX_TOKENS, NAME, load
+
+            model = load()
+            embedding_classifier = LogisticRegression(C=10.0, max_iter=2000).fit(model.embed(texts), labels)
+            meta["embedding"] = {"name": NAME, "sha256": model.sha256, "weight": embedding_weight,
+                                 "max_tokens": MAX_TOKENS}
+        meta["train_s"] = time.monotonic() - started
+        return cls(classifier, meta, embedding_classifier)
 
     def scores(self, texts: list[str]) -> np.ndarray:
-        """Class probabilities per text, as the classifier's predict_proba computes them."""
+        """Class probabilities per text: the n-gram classifier's (as its predict_proba computes them), mixed with the
+        embedding classifier's where the model has one: softmax((1 - w) log p_ngrams + w log p_embedding)."""
+        ngrams, embedded = self.views(texts)
+        return ngrams if embedded is None else mix(ngrams, embedded, self._embedding_weight)
+
+    def views(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each view's probabilities: the n-gram classifier's, and the embedding classifier's (None without one)."""
+        ngrams = self.ngram_scores(texts)
+        if self._embedding is None:
+            return ngrams, None
+        return ngrams, multinomial(self._embedding.embed(texts) @ self._embedding_weights + self._embedding_bias)
+
+    def ngram_scores(self, texts: list[str]) -> np.ndarray:
+        """The n-gram classifier's probabilities alone."""
         if self._weights is None:  # the one-specialist model
             return np.ones((len(texts), 1))
         decision = np.empty((len(texts), self._weights.shape[1]))
@@ -230,11 +289,8 @@ class RoutingModel:
                 columns, values = hashed_features(self._analyzer(text), self.vectorizer.n_features)
             decision[row] = values @ self._weights[columns]
         decision += self._bias
-        if decision.shape[1] == 1:  # two classes: one logit
-            positive = expit(decision[:, 0])
-            return np.column_stack([1 - positive, positive])
-        if isinstance(self.classifier, LogisticRegression):  # multinomial
-            return softmax(decision, axis=1)
+        if decision.shape[1] == 1 or isinstance(self.classifier, LogisticRegression):
+            return multinomial(decision)
         probabilities = expit(decision)  # SGD's one-vs-rest log loss, normalised as sklearn does
         return probabilities / probabilities.sum(axis=1, keepdims=True)
 
@@ -267,13 +323,14 @@ class RoutingModel:
 
     def dumps(self) -> bytes:
         buffer = io.BytesIO()
-        joblib.dump({"classifier": self.classifier, "meta": self.meta}, buffer, compress=3)  # hashed: mostly zeros
+        joblib.dump({"classifier": self.classifier, "meta": self.meta,  # hashed: mostly zeros
+                     "embedding_classifier": self.embedding_classifier}, buffer, compress=3)
         return buffer.getvalue()
 
     @classmethod
     def loads(cls, data: bytes) -> "RoutingModel":
         payload = joblib.load(io.BytesIO(data))
-        return cls(payload["classifier"], payload["meta"])
+        return cls(payload["classifier"], payload["meta"], payload.get("embedding_classifier"))
 
 
 def router_paths(base: str) -> tuple[str, str]:
