@@ -10,8 +10,11 @@ documents and on one 100-character snippet of each. "more sources" variants also
 leave-one-source-out: two folds, each holding out one source per domain (and some of the no-domain sources);
 every held-out text is scored by the fold's model that never saw its source. "none class" variants add a class
 for text of no domain, trained on the other fold's no-domain sources. ROUTER is what train_router builds: the
-corpus plus the shipped routing text (data/routing, ingest/routing_texts.py: the extra sources' train split), and
-is measured the same way, leave-one-source-out.
+corpus plus the shipped routing text (data/routing, ingest/routing_texts.py: the extra sources' train split), with
+the static embedding's view beside the n-grams (train/embedding.py; "+wordllama" in a variant's features), and is
+measured the same way, leave-one-source-out; ROUTER_BEFORE is the same without the embedding (the router until 28
+Nov). For ROUTER the bench also sweeps the embedding's weight on in-domain validation text and reports the one with
+the least log loss (`embedding_weight`), which is what train/routing.py's EMBEDDING_WEIGHT should be.
 
 The fallback threshold is chosen on validation text only: the corpus's validation split and the `validation`
 split of the extra sources (in-domain and no-domain), never on what is reported. Reported on the rest: the share
@@ -49,7 +52,7 @@ import numpy as np
 from bench.common import table, write_results
 from senmon.ingest.routing_texts import read_routing_texts
 from senmon.ingest.sources.extra import EXTRA_SOURCES, NO_DOMAIN
-from senmon.train.routing import CHAR13, WORDS_CHARS, RoutingModel
+from senmon.train.routing import CHAR13, EMBEDDING, WORDS_CHARS, RoutingModel, mix
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus"
@@ -69,10 +72,13 @@ FOLDS = [
      "libreoffice-help-ja", "debian-reference-en", "package-descriptions"},
 ]
 ROUTING_DIR = REPO / "data" / "routing"  # what the router trains on beside the corpus (ingest/routing_texts.py)
-ROUTER = "words+chars + data/routing (the router)"
-# the code and japanese sources data/routing gained on 27 Nov; the "before" variant trains without them, for comparison
+WITH_EMBEDDING = f"{WORDS_CHARS}+{EMBEDDING}"  # the n-grams and the static embedding's view (train/embedding.py)
+ROUTER = "words+chars + embedding + data/routing (the router)"
+ROUTER_BEFORE = "words+chars + data/routing (the router until 28 Nov)"  # the same without the embedding
+# the code and japanese sources data/routing gained on 27 Nov; this variant trains without them, for comparison
 ADDED_27_NOV = {"scipy-doc", "pandas-doc", "gimp-help-ja"}
-ROUTER_BEFORE = "words+chars + data/routing before 27 Nov"
+BEFORE_27_NOV = "words+chars + data/routing before 27 Nov"
+EMBEDDING_WEIGHTS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]  # swept on validation text for ROUTER
 CONFIGURED = "the router + second opinion as configured"  # the config's serve settings: what `auto` runs
 VARIANTS = {  # name: (features, more sources: none / "held-out" (var/sources) / "data/routing", a no-domain class)
     "today (char 1-3)": (CHAR13, None, False),
@@ -80,8 +86,9 @@ VARIANTS = {  # name: (features, more sources: none / "held-out" (var/sources) /
     "char 1-3 + more sources": (CHAR13, "held-out", False),
     "words+chars + more sources": (WORDS_CHARS, "held-out", False),
     "words+chars + more sources + none class": (WORDS_CHARS, "held-out", True),
-    ROUTER: (WORDS_CHARS, "data/routing", False),
-    ROUTER_BEFORE: (WORDS_CHARS, "data/routing before 27 Nov", False),
+    BEFORE_27_NOV: (WORDS_CHARS, "data/routing before 27 Nov", False),
+    ROUTER_BEFORE: (WORDS_CHARS, "data/routing", False),
+    ROUTER: (WITH_EMBEDDING, "data/routing", False),
 }
 
 
@@ -142,7 +149,7 @@ def train_variant(features: str, more_sources: str | None, none_class: bool, cor
     "held-out", up to TRAIN_DOCS_PER_SOURCE documents of each extra source of every split; "data/routing", the
     shipped routing text (their train split, cut; what train_router adds; "... before 27 Nov": without the sources
     added then): in all, never the fold's own sources."""
-    models = []
+    models, (features, embedding) = [], split_features(features)
     for fold in range(len(FOLDS) if more_sources else 1):
         texts = {d: [doc["text"] for doc in corpus["train"][d]] for d in DOMAINS}
         if more_sources and more_sources.startswith("data/routing"):
@@ -157,8 +164,40 @@ def train_variant(features: str, more_sources: str | None, none_class: bool, cor
                 # no-domain sources: their train split only (their validation split picks the threshold)
                 chosen = [d for d in docs if domain != NO_DOMAIN or d["split"] == "train"][:TRAIN_DOCS_PER_SOURCE]
                 texts.setdefault(domain, []).extend(d["text"] for d in chosen)
-        models.append(RoutingModel.train(texts, seed=seed, features=features))
+        models.append(RoutingModel.train(texts, seed=seed, features=features, embedding=embedding))
     return models if more_sources else models * len(FOLDS)
+
+
+def split_features(features: str) -> tuple[str, str | None]:
+    """A variant's features: (the n-gram features, the embedding or None): "words+chars+wordllama" has both."""
+    suffix = "+" + EMBEDDING
+    return (features[:-len(suffix)], EMBEDDING) if features.endswith(suffix) else (features, None)
+
+
+def embedding_weight_sweep(models: list[RoutingModel], evaluation: list[dict]) -> dict:
+    """For a variant with the embedding's view: each weight of it, on in-domain validation text only (each text scored
+    by the fold's model that never trained on its source), the log loss of the label and the balanced accuracy; the
+    weight with the least log loss is the one train/routing.py's EMBEDDING_WEIGHT should be."""
+    index = [i for i, item in enumerate(evaluation) if item["group"] == "validation" and item["label"] != NO_DOMAIN]
+    views: dict[int, tuple] = {}
+    for k, model in enumerate(models):
+        mine = [i for i in index if fold_of(evaluation[i]["source"]) == k]
+        ngrams, embedded = model.views([evaluation[i]["text"] for i in mine])
+        for j, i in enumerate(mine):
+            views[i] = (model.labels, ngrams[j:j + 1], embedded[j:j + 1])
+    sweep = {}
+    for weight in EMBEDDING_WEIGHTS:
+        losses, chosen = [], []
+        for i in index:
+            labels, ngrams, embedded = views[i]
+            row = mix(ngrams, embedded, weight)[0]
+            losses.append(-float(np.log(max(row[labels.index(evaluation[i]["label"])], 1e-12))))
+            chosen.append(labels[int(np.argmax(row))])
+        sweep[str(weight)] = {"validation_log_loss": statistics.mean(losses),
+                              "validation_balanced_accuracy": balanced_accuracy([evaluation[i] for i in index], chosen)}
+    best = min(sweep, key=lambda w: sweep[w]["validation_log_loss"])
+    return {"by_weight": sweep, "least_log_loss": float(best), "texts": len(index),
+            "used": models[0].meta["embedding"]["weight"]}
 
 
 def fold_of(source: str) -> int:
@@ -494,7 +533,7 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
         (ppl, _), below, margin = max((g for g in affordable if g[0][0] <= best_ppl * 1.01),
                                       key=lambda g: (validation_labels(g[1], g[2]), -g[0][1], g[2]))
         chosen, fired = combined(best, confidence, nll, below, margin)
-        results[name] = {"features": "likelihood" if below > 1 else WORDS_CHARS + " + likelihood",
+        results[name] = {"features": "likelihood" if below > 1 else VARIANTS[variant][0] + " + likelihood",
                          "more_sources": None if below > 1 else VARIANTS[variant][1],
                          "none_class": False, "tokens": args.tokens, "models": versions,
                          "threshold": {"threshold": 0.0, "below": below, "margin": margin,
@@ -553,6 +592,11 @@ def main() -> None:
                          "at_chosen_threshold": measure(evaluation, best, confidence, chosen["threshold"]),
                          "at_threshold_0.5": measure(evaluation, best, confidence, 0.5),
                          "latency": latency(models[0], evaluation)}
+        if split_features(features)[1]:
+            results[name]["embedding_weight"] = sweep = embedding_weight_sweep(models, evaluation)
+            print(f"{name}: embedding weight with the least validation log loss {sweep['least_log_loss']} "
+                  f"(the model's: {sweep['used']}): " + ", ".join(
+                      f"{w}: {v['validation_log_loss']:.3f}" for w, v in sweep["by_weight"].items()), flush=True)
         print(f"{name}: trained in {train_s:.0f} s, threshold {chosen['threshold']:.2f}", flush=True)
 
     quality = likelihood_variants(args, corpus, extra, evaluation, results)
