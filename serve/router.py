@@ -407,7 +407,9 @@ class Router:
         return {**asdict(decision), "threshold": self.config.serve.confidence_threshold,
                 "second_opinion_below": self.config.serve.second_opinion_below if self.likelihood else None,
                 "quality_aware": self.config.serve.quality_aware,
-                "scores": dict(sorted(scores.items(), key=lambda kv: -kv[1]))}
+                "scores": dict(sorted(scores.items(), key=lambda kv: -kv[1])),
+                # the routing model's two views before they were mixed into `scores` (None: n-grams alone)
+                "views": getattr(routed, "views", None)}
 
     # ----------------------------------------------------------------- generation
 

@@ -10,6 +10,7 @@ swap without starting another engine.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 LAW = "This program is free software; you can redistribute it under the terms of the GNU General Public License."
 JAPANESE = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
-VAGUE = "hello"  # no domain: the router is unsure
+VAGUE = "hello there"  # no domain: the router is unsure (0.48 here; "hello" alone 0.64 with the embedding view)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,12 @@ def test_models_and_route_explain(served):
     assert explained["specialist"] == "japanese" and explained["threshold"] == THRESHOLD
     assert set(explained["scores"]) == {s.name for s in config.specialists}
     assert abs(sum(explained["scores"].values()) - 1) < 1e-6
+    # the routing model's two views, and the scores are their mix (train/routing.py's `mix`)
+    views, weight = explained["views"], explained["views"]["weight"]
+    assert set(views["ngrams"]) == set(views["embedding"]) == set(explained["scores"]) and 0 < weight < 1
+    mixed = {k: math.exp((1 - weight) * math.log(views["ngrams"][k]) + weight * math.log(views["embedding"][k]))
+             for k in explained["scores"]}
+    assert {k: v / sum(mixed.values()) for k, v in mixed.items()} == pytest.approx(explained["scores"], abs=1e-6)
     # a specialist without a serving version: its text goes to the generalist, and the reason says so
     code = post(served, "/v1/route", {"prompt": "import os\nimport sys\ndef main(argv):\n    return os.path.join(*argv)"}).json()
     assert code["best"] == "code" and code["specialist"] == "generalist" and "no serving version" in code["reason"]

@@ -184,6 +184,7 @@ class Route:
     specialist: str
     confidence: float
     scores: dict[str, float]
+    views: dict[str, dict[str, float]] | None = None  # with the embedding: each view's own probabilities, before mixing
 
 
 _MARKUP = re.compile(r"[*_`#|<>{}\[\]=~^]+")
@@ -199,7 +200,8 @@ def augmented(text: str, rng: random.Random, features: str) -> list[str]:
 
 
 class RoutingModel:
-    """Hashed n-gram features + a log-loss linear model over the specialists' names."""
+    """Hashed n-gram features + a log-loss linear model over the specialists' names, and (with `embedding`) a
+    logistic regression over the text's mean static-embedding vector, the two mixed in log-probability."""
 
     def __init__(self, classifier: LogisticRegression | SGDClassifier | DummyClassifier, meta: dict,
                  embedding_classifier: LogisticRegression | None = None):
@@ -295,10 +297,15 @@ class RoutingModel:
         return probabilities / probabilities.sum(axis=1, keepdims=True)
 
     def route(self, texts: list[str]) -> list[Route]:
+        ngrams, embedded = self.views(texts)
+        mixed = ngrams if embedded is None else mix(ngrams, embedded, self._embedding_weight)
         result = []
-        for row in self.scores(texts):
+        for index, row in enumerate(mixed):
             best = int(np.argmax(row))
-            result.append(Route(self.labels[best], float(row[best]), dict(zip(self.labels, map(float, row)))))
+            views = None if embedded is None else {
+                "ngrams": dict(zip(self.labels, map(float, ngrams[index]))),
+                "embedding": dict(zip(self.labels, map(float, embedded[index]))), "weight": self._embedding_weight}
+            result.append(Route(self.labels[best], float(row[best]), dict(zip(self.labels, map(float, row))), views))
         return result
 
     def classify(self, texts: list[str]) -> list[tuple[str, float]]:
