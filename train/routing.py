@@ -269,7 +269,9 @@ class RoutingModel:
     def scores(self, texts: list[str]) -> np.ndarray:
         """Class probabilities per text: the n-gram classifier's (as its predict_proba computes them), mixed with the
         embedding classifier's where the model has one: softmax((1 - w) log p_ngrams + w log p_embedding)."""
-        ngrams, embedded = self.views(texts)
+        return self._mixed(*self.views(texts))
+
+    def _mixed(self, ngrams: np.ndarray, embedded: np.ndarray | None) -> np.ndarray:
         return ngrams if embedded is None else mix(ngrams, embedded, self._embedding_weight)
 
     def views(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -298,7 +300,7 @@ class RoutingModel:
 
     def route(self, texts: list[str]) -> list[Route]:
         ngrams, embedded = self.views(texts)
-        mixed = ngrams if embedded is None else mix(ngrams, embedded, self._embedding_weight)
+        mixed = self._mixed(ngrams, embedded)
         result = []
         for index, row in enumerate(mixed):
             best = int(np.argmax(row))
