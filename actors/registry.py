@@ -81,6 +81,9 @@ class RegistryState:
         versions = self.records.setdefault(specialist, [])
         for record in versions:
             if record["run_id"] == run_id:  # a retried call: the version already exists
+                if record["path"] != path:  # not a retry: two runs named alike
+                    raise RegistryError(f"{specialist} run {run_id} is v{record['version']} with the checkpoint "
+                                        f"{record['path']}, not {path}: run ids must be unique")
                 return copy.deepcopy(record)
         record = {"specialist": specialist, "version": max((r["version"] for r in versions), default=0) + 1,
                   "run_id": run_id, "path": path, "metrics": metrics, "sizing": sizing, "data": data,

@@ -37,13 +37,12 @@ import importlib
 import json
 import logging
 import time
-import uuid
 
 import ray
 
 from senmon.config import SenmonConfig, parse_config
 from senmon.metrics import record_training_run
-from senmon.storage import filesystem, read_bytes, write_atomic
+from senmon.storage import filesystem, new_run_id, read_bytes, write_atomic
 
 SCHEDULER_ACTOR = "senmon-scheduler"
 log = logging.getLogger(__name__)
@@ -208,7 +207,7 @@ class Scheduler:
         settings = self.config.scheduler
         async with self.slots:
             for attempt in range(settings.max_retries + 1):
-                run = {"run_id": f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                run = {"run_id": new_run_id(name),
                        "specialist": name, "trigger": reason, "attempt": attempt + 1, "started_at": _now(),
                        "started_ts": time.time(), "ended_at": None, "outcome": "running", "version": None,
                        "reason": None, "data": info, "swap": None}

@@ -9,6 +9,7 @@ temporary name, then rename, so readers see the old file or the new one and neve
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,13 @@ def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
         fs, base = pafs.FileSystem.from_uri(root)
         return fs, base.rstrip("/")
     return pafs.LocalFileSystem(), str(Path(root).resolve())
+
+
+def new_run_id(prefix: str) -> str:
+    """A training or merge run's id, which also names its checkpoint directory under the storage root: the time to
+    the second for people reading a listing, and a random suffix, because the registry treats a second `register`
+    with a known run id as a retry and returns the version already there (two merges within one second once did)."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def is_local(fs: pafs.FileSystem) -> bool:

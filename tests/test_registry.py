@@ -34,8 +34,12 @@ def test_first_version_is_promoted_and_versions_count_up():
 def test_register_is_idempotent_by_run_id():
     state = RegistryState()
     a = register(state, 100.0, run_id="run-a")
-    again = register(state, 55.0, run_id="run-a")
+    again = state.register("law", "run-a", a["path"], {"val_ppl": 55.0}, {}, {})  # a retried call
     assert again["version"] == a["version"] == 1
+    assert len(state.history("law")) == 1
+    # the same run id for another checkpoint is two runs named alike, not a retry: refused, nothing registered
+    with pytest.raises(RegistryError, match="run ids must be unique"):
+        register(state, 55.0, run_id="run-a")
     assert len(state.history("law")) == 1
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,15 +202,18 @@ def test_fast_path_continues_on_new_documents_with_replay(trained):
     assert record["status"] in ("serving", "rejected")
 
 
-def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_stays_their_branch_point(trained):
+def test_the_fallback_becomes_the_merge_of_the_serving_branches_and_the_seed_stays_their_branch_point(trained,
+                                                                                                    monkeypatch):
     """`generalist.fallback: merged` (train/merge.py): the serving specialists' average is registered as the
     generalist's next version, with its own probe reference and validation perplexity on every domain, and passes
     the gate; branches and a continued generalist still start from the seed; no second merge of the same versions; a
-    retrained seed is held to the seed and, once it passes, merged beside again."""
+    retrained seed is held to the seed and, once it passes, merged beside again. Every merge here starts in the same
+    second, as two did once (the registry then took the second merge for a retry of the first: seed v1, not v5)."""
     from senmon.train.job import promote_seed, resolve_init
     from senmon.train.merge import merge_and_register, seed_record, wanted_merge
     from senmon.train.reference import check_checkpoint, load_reference
 
+    monkeypatch.setattr("senmon.storage.time", SimpleNamespace(strftime=lambda *_: "20261128-063500"))
     config, registry, _, seed = trained
     assert config.generalist.fallback == "merged"  # the default
     # japanese serves the seed's own weights (a stand-in for a branch, which costs a training run under the suite's

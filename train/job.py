@@ -18,7 +18,6 @@ import math
 import os
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ray.train.torch import TorchTrainer
 
 from senmon.config import SenmonConfig, SizeConfig
 from senmon.ingest.store import DatasetStore
-from senmon.storage import filesystem, read_bytes, write_atomic
+from senmon.storage import filesystem, new_run_id, read_bytes, write_atomic
 
 from .branch import SEED_FLOOR, branch_schedule, plan_budget
 from .data import token_blocks
@@ -180,7 +179,7 @@ def train_model(config: SenmonConfig, name: str, start: Start | None = None,
     target = model_target(config, name)
     size = size_override or target.size
     training = config.training
-    run_id = run_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_id = run_id or new_run_id(name)
     timings: dict[str, float] = {}
     store = DatasetStore(config.storage_root)
 
@@ -372,7 +371,7 @@ def train_and_register(config: SenmonConfig, name: str, registry, init: str | No
     if new_shards and start.kind == "current" and config.scheduler.retrain_path == "fast":
         from .fast import fast_retrain_task
 
-        run_id = run_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        run_id = run_id or new_run_id(name)
         result = ray.get(fast_retrain_task.options(num_cpus=config.training.cpus_per_worker).remote(
             config.model_dump(mode="json"), name, start, list(new_shards), run_id, progress_board))
     else:

@@ -31,6 +31,7 @@ import ray
 
 from senmon.config import SenmonConfig
 from senmon.ingest.store import DatasetStore
+from senmon.storage import new_run_id
 
 
 def is_merge(record: dict | None) -> bool:
@@ -138,7 +139,7 @@ def merge_and_register(config: SenmonConfig, registry) -> dict | None:
     if seed is None:
         return None
     specialists = {name: ray.get(registry.get.remote(name, version)) for name, version in versions.items()}
-    run_id = f"{config.generalist.name}-merge-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = new_run_id(f"{config.generalist.name}-merge")
     merged = ray.get(merge_task.remote(config.model_dump(mode="json"), seed, specialists, run_id))
     record = ray.get(registry.register.remote(config.generalist.name, merged["run_id"], merged["path"],
                                               merged["metrics"], merged["sizing"], merged["data"]))
