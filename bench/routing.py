@@ -73,8 +73,12 @@ FOLDS = [
 ]
 ROUTING_DIR = REPO / "data" / "routing"  # what the router trains on beside the corpus (ingest/routing_texts.py)
 WITH_EMBEDDING = f"{WORDS_CHARS}+{EMBEDDING}"  # the n-grams and the static embedding's view (train/embedding.py)
-ROUTER = "words+chars + embedding + data/routing (the router)"
-ROUTER_BEFORE = "words+chars + data/routing (the router until 28 Nov)"  # the same without the embedding
+ROUTER = "words+chars + embedding + data/routing + none class (the router)"
+# the same without the none class (data/routing's text of no domain left out), the router of 28 Nov morning
+ROUTER_MORNING = "words+chars + embedding + data/routing (the router of 28 Nov morning)"
+ROUTER_BEFORE = "words+chars + data/routing (the router until 28 Nov)"  # without the embedding or the none class
+EARLIER_ROUTERS = [ROUTER_MORNING, ROUTER_BEFORE]  # measured behind the second opinion too, where they ran
+NO_DOMAIN_SOURCES = {name for name, (domain, _, _) in EXTRA_SOURCES.items() if domain == NO_DOMAIN}
 # the code and japanese sources data/routing gained on 27 Nov; this variant trains without them, for comparison
 ADDED_27_NOV = {"scipy-doc", "pandas-doc", "gimp-help-ja"}
 BEFORE_27_NOV = "words+chars + data/routing before 27 Nov"
@@ -88,7 +92,8 @@ VARIANTS = {  # name: (features, more sources: none / "held-out" (var/sources) /
     "words+chars + more sources + none class": (WORDS_CHARS, "held-out", True),
     BEFORE_27_NOV: (WORDS_CHARS, "data/routing before 27 Nov", False),
     ROUTER_BEFORE: (WORDS_CHARS, "data/routing", False),
-    ROUTER: (WITH_EMBEDDING, "data/routing", False),
+    ROUTER_MORNING: (WITH_EMBEDDING, "data/routing", False),
+    ROUTER: (WITH_EMBEDDING, "data/routing", True),
 }
 
 
@@ -153,9 +158,10 @@ def train_variant(features: str, more_sources: str | None, none_class: bool, cor
     for fold in range(len(FOLDS) if more_sources else 1):
         texts = {d: [doc["text"] for doc in corpus["train"][d]] for d in DOMAINS}
         if more_sources and more_sources.startswith("data/routing"):
-            leave_out = FOLDS[fold] | (ADDED_27_NOV if more_sources != "data/routing" else set())
+            leave_out = FOLDS[fold] | (ADDED_27_NOV if more_sources != "data/routing" else set()) | \
+                (set() if none_class else NO_DOMAIN_SOURCES)
             for domain, shipped in read_routing_texts(ROUTING_DIR, leave_out=leave_out).items():
-                texts[domain].extend(shipped)
+                texts.setdefault(domain, []).extend(shipped)  # NO_DOMAIN's texts too, where data/routing has some
         elif more_sources:
             for name, docs in extra.items():
                 domain = EXTRA_SOURCES[name][0]
@@ -310,6 +316,7 @@ MODELS = ["generalist", *DOMAINS]  # the embedded config's models: the generalis
 PREFIX_TOKENS, ANSWER_TOKENS = 64, 192
 BELOWS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01]  # 1.01: the second opinion always decides
 MARGINS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 100.0]  # 100: never a specialist by likelihood
+NONE_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01]  # p(none) from which a prompt goes to the fallback; 1.01: never
 MAX_FIRED = 0.3  # the share of validation prompts the second opinion may take: above it, p50 goes past 2 ms
 
 
@@ -343,20 +350,43 @@ def nll_all(scorer, texts: list[str], batch: int = 32) -> list[dict[str, float]]
     return result
 
 
-def combined(best: list[str], confidence: list[float], nll: list[dict], below: float, margin: float
-             ) -> tuple[list[str], list[bool]]:
-    """(chosen label, NO_DOMAIN for the generalist; whether the second opinion decided) per item."""
+def split(probs: list[dict[str, float]]) -> tuple[list[str], list[float], list[float]]:
+    """As the router reads the routing model (train/routing.py `Route`): per item the likeliest specialist, its share
+    of the specialists' probability, and the probability of NO_DOMAIN (0 without that class)."""
+    best, confidence, none = [], [], []
+    for p in probs:
+        specialists = {k: v for k, v in p.items() if k != NO_DOMAIN}
+        b = max(specialists, key=specialists.get)
+        best.append(b)
+        none.append(p.get(NO_DOMAIN, 0.0))
+        confidence.append(specialists[b] / max(1.0 - none[-1], 1e-12))
+    return best, confidence, none
+
+
+def combined(routed: tuple[list[str], list[float], list[float]], nll: list[dict], below: float, margin: float,
+             none_threshold: float = 1.01) -> tuple[list[str], list[bool]]:
+    """(chosen label, NO_DOMAIN for the generalist; whether the second opinion decided) per item, as serve/router.py
+    decides: NO_DOMAIN's probability at least `none_threshold`: the fallback; else the specialist where the
+    classifier is at least `below` sure, the second opinion where it is not."""
     from senmon.serve.likelihood import decide
 
     chosen, fired = [], []
-    for b, c, scores in zip(best, confidence, nll):
-        if c >= below and b != NO_DOMAIN:
+    for b, c, n, scores in zip(*routed, nll):
+        if n >= none_threshold:
+            chosen.append(NO_DOMAIN)
+            fired.append(False)
+        elif c >= below:
             chosen.append(b)
             fired.append(False)
         else:
             chosen.append(decide(scores, "generalist", margin).chosen or NO_DOMAIN)
             fired.append(True)
     return chosen, fired
+
+
+def below_one(none: list[float]) -> bool:
+    """Whether a routing model has a NO_DOMAIN class at all (its probability is 0 everywhere without one)."""
+    return any(n > 0 for n in none)
 
 
 def balanced_accuracy(evaluation: list[dict], chosen: list[str], group: str = "validation") -> float:
@@ -418,7 +448,7 @@ def answer_quality(rows: list[dict], chosen: list[str]) -> dict:
 
 
 def likelihood_latency(model: RoutingModel, scorer, evaluation: list[dict], below: float, margin: float,
-                       threads: list[int]) -> dict:
+                       threads: list[int], none_threshold: float = 1.01) -> dict:
     """One prompt at a time, as the router decides: the classifier (a fresh copy), then the second opinion where it
     fires, with torch on each of `threads` threads; the first is the router's (serve.likelihood_threads: a
     replica's torch has 1 unless configured), whose numbers are the result's own."""
@@ -434,7 +464,7 @@ def likelihood_latency(model: RoutingModel, scorer, evaluation: list[dict], belo
             for prompt in prompts[:20] + prompts:
                 started = time.perf_counter()
                 route = classifier.route([prompt])[0]
-                if route.confidence < below:
+                if route.none < none_threshold and route.confidence < below:
                     decide(scorer.nll([prompt])[0], "generalist", margin)
                     second.append((time.perf_counter() - started) * 1000)
                 times.append((time.perf_counter() - started) * 1000)
@@ -499,53 +529,62 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
     }
     policies = [("likelihood", ROUTER, [1.01]), ("the router + second opinion", ROUTER, BELOWS),
                 (CONFIGURED, ROUTER, [args.configured])]
-    if ROUTER_BEFORE in results:
-        policies += [(f"{ROUTER_BEFORE} + second opinion", ROUTER_BEFORE, BELOWS),
-                     (f"{ROUTER_BEFORE} + second opinion as configured", ROUTER_BEFORE, [args.configured])]
+    for earlier in EARLIER_ROUTERS:
+        if earlier in results:
+            policies += [(f"{earlier} + second opinion", earlier, BELOWS),
+                         (f"{earlier} + second opinion as configured", earlier, [args.configured])]
     scored: dict[str, tuple] = {}  # variant -> its fold models and their scores, trained once for every policy
     for name, variant, belows in policies:
         if variant not in scored:
             models = train_variant(*VARIANTS[variant], corpus, extra)
-            scored[variant] = (models, *score(models, rows, key="prefix_text"), *score(models, evaluation))
-        classifiers, prefix_best, prefix_confidence, best, confidence = scored[variant]
+            scored[variant] = (models, split(probabilities(models, rows, key="prefix_text")),
+                               split(probabilities(models, evaluation)))
+        classifiers, prefix_routed, routed = scored[variant]
         if name == "the router + second opinion":
             threshold = results[ROUTER]["threshold"]["threshold"] if ROUTER in results else 0.5
+            prefix_best, prefix_confidence = score(classifiers, rows, key="prefix_text")
             quality_policies[f"the router's classifier at its threshold ({threshold:.2f})"] = [
                 b if c >= threshold else NO_DOMAIN for b, c in zip(prefix_best, prefix_confidence)]
+        validation_routed = tuple([column[i] for i in validation] for column in prefix_routed)
 
-        def validation_quality(below: float, margin: float) -> tuple[float, float]:
-            chosen, fired = combined([prefix_best[i] for i in validation], [prefix_confidence[i] for i in validation],
-                                     [prefix_nll[i] for i in validation], below, margin)
+        def validation_quality(below: float, margin: float, none_threshold: float) -> tuple[float, float]:
+            chosen, fired = combined(validation_routed, [prefix_nll[i] for i in validation], below, margin,
+                                     none_threshold)
             q = answer_quality([rows[i] for i in validation], chosen)["by_group"]["validation"]
             return q["ppl_vs_generalist"], rate(fired)
 
-        def validation_labels(below: float, margin: float) -> float:
+        def validation_labels(below: float, margin: float, none_threshold: float) -> float:
             """Balanced label accuracy on validation texts (whole and snippets; no domain counts as the fallback)."""
-            return balanced_accuracy(evaluation, combined(best, confidence, nll, below, margin)[0])
+            return balanced_accuracy(evaluation, combined(routed, nll, below, margin, none_threshold)[0])
 
-        margins = [args.configured_margin] if name.endswith("as configured") else MARGINS
-        grid = [(validation_quality(b, m), b, m) for b in belows for m in margins]
+        configured = name.endswith("as configured")
+        margins = [args.configured_margin] if configured else MARGINS
+        has_none = VARIANTS[variant][2] and below_one(routed[2]) and name != "likelihood"  # likelihood alone: no class
+        nones = ([args.configured_none] if configured else NONE_THRESHOLDS) if has_none else [1.01]
+        grid = [(validation_quality(b, m, n), b, m, n) for b in belows for m in margins for n in nones]
         # the router's latency goal: the second opinion on at most MAX_FIRED of validation prompts (the classifier
         # alone decides the others); likelihood alone always fires
         affordable = [g for g in grid if g[0][1] <= MAX_FIRED] or grid
         best_ppl = min(g[0][0] for g in affordable)
         # within 1% of the best answer quality there, the best labels: answers first, then the issue's label goals
-        (ppl, _), below, margin = max((g for g in affordable if g[0][0] <= best_ppl * 1.01),
-                                      key=lambda g: (validation_labels(g[1], g[2]), -g[0][1], g[2]))
-        chosen, fired = combined(best, confidence, nll, below, margin)
+        (ppl, _), below, margin, none_threshold = max(
+            (g for g in affordable if g[0][0] <= best_ppl * 1.01),
+            key=lambda g: (validation_labels(g[1], g[2], g[3]), -g[0][1], g[2]))
+        chosen, fired = combined(routed, nll, below, margin, none_threshold)
         results[name] = {"features": "likelihood" if below > 1 else VARIANTS[variant][0] + " + likelihood",
                          "more_sources": None if below > 1 else VARIANTS[variant][1],
-                         "none_class": False, "tokens": args.tokens, "models": versions,
+                         "none_class": has_none, "tokens": args.tokens, "models": versions,
                          "threshold": {"threshold": 0.0, "below": below, "margin": margin,
-                                       "validation_answer_ppl_vs_generalist": ppl},
+                                       "none_threshold": none_threshold, "validation_answer_ppl_vs_generalist": ppl},
                          "second_opinion_fired": rate(fired),
                          "at_chosen_threshold": measure(evaluation, chosen, [1.0] * len(chosen), 0.0),
                          "latency": likelihood_latency(classifiers[0], scorer, evaluation, below, margin,
-                                                       list(dict.fromkeys([args.threads, 2])))}
-        quality_policies[f"{name} (below {below}, margin {margin})"] = combined(
-            prefix_best, prefix_confidence, prefix_nll, below, margin)[0]
-        print(f"{name}: below {below}, margin {margin}: validation answers {ppl:.3f}x the generalist's perplexity; "
-              f"second opinion on {100 * rate(fired):.0f}% of prompts", flush=True)
+                                                       list(dict.fromkeys([args.threads, 2])), none_threshold)}
+        shown = f", none from {none_threshold}" if none_threshold <= 1 else ""
+        quality_policies[f"{name} (below {below}, margin {margin}{shown})"] = combined(
+            prefix_routed, prefix_nll, below, margin, none_threshold)[0]
+        print(f"{name}: below {below}, margin {margin}{shown}: validation answers {ppl:.3f}x the generalist's "
+              f"perplexity; second opinion on {100 * rate(fired):.0f}% of prompts", flush=True)
     return {name: answer_quality(rows, chosen) for name, chosen in quality_policies.items()}
 
 
@@ -575,6 +614,7 @@ def main() -> None:
     args.models = args.models or config.storage_root
     args.tokens = args.tokens or config.serve.likelihood_tokens
     args.configured, args.configured_margin = config.serve.second_opinion_below, config.serve.likelihood_margin
+    args.configured_none = config.serve.none_threshold
     args.threads = config.serve.likelihood_threads
     corpus, extra = load()
     evaluation = evaluation_items(corpus, extra)

@@ -29,7 +29,7 @@ import statistics
 import time
 
 from bench.common import table, write_results
-from bench.routing import (DOMAINS, NO_DOMAIN, ROUTER, VARIANTS, answer_quality, answer_rows, balanced_accuracy,
+from bench.routing import (DOMAINS, NO_DOMAIN, ROUTER_MORNING, VARIANTS, answer_quality, answer_rows, balanced_accuracy,
                            evaluation_items, load, nll_all, pct, probabilities, rate, scorer_for, train_variant)
 
 FALLBACK = "generalist"
@@ -127,7 +127,7 @@ def main() -> None:
     evaluation = evaluation_items(corpus, extra)
     scorer, versions = scorer_for(models_root, config.serve.likelihood_tokens)
     print(f"models: {', '.join(f'{m} v{v}' for m, v in versions.items())} from {models_root}", flush=True)
-    classifiers = train_variant(*VARIANTS[ROUTER], corpus, extra)
+    classifiers = train_variant(*VARIANTS[ROUTER_MORNING], corpus, extra)  # the specialists alone: no none class
     rows = answer_rows(scorer, evaluation)
     row_probs = probabilities(classifiers, rows, key="prefix_text")
     row_nll = nll_all(scorer, [row["prefix_text"] for row in rows])

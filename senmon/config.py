@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "embedded.yaml"
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+NO_DOMAIN = "none"  # the label of text of no specialist's domain (the routing model's class, the benchmarks' sources)
 
 
 class ConfigError(ValueError):
@@ -340,8 +341,13 @@ class ServeConfig(_Strict):
     second_opinion_below: float = Field(
         0.7, ge=0, le=1.01, description="Routing-model confidence below which the likelihood second opinion decides "
                                      "(chosen on validation text by bench/routing.py).")
+    none_threshold: float = Field(
+        0.3, ge=0, le=1.01, description="With model 'auto', a prompt the routing model gives at least this probability "
+                                         "of belonging to no specialist's domain (its `none` class, trained on "
+                                         "routing_dir's text of no domain) goes to the generalist; above 1: never "
+                                         "(chosen on validation text by bench/routing.py).")
     likelihood_margin: float = Field(
-        0.05, description="Nats per token by which the best specialist must explain a prompt better than the "
+        0.0, description="Nats per token by which the best specialist must explain a prompt better than the "
                          "generalist to answer it (chosen on validation text by bench/routing.py).")
     likelihood_tokens: int = Field(
         32, ge=8, le=4096, description="Prompt tokens the second opinion scores (its cost grows with them; "
@@ -452,6 +458,9 @@ class SenmonConfig(_Strict):
             raise ValueError(f"specialist names must be unique; repeated: {', '.join(duplicates)}")
         if self.generalist.name in names:
             raise ValueError(f"the generalist's name {self.generalist.name!r} is also a specialist's")
+        if NO_DOMAIN in names + [self.generalist.name]:
+            raise ValueError(f"{NO_DOMAIN!r} is the routing model's label for text of no specialist's domain; "
+                             "name the model otherwise")
         return self
 
     @model_validator(mode="after")

@@ -38,7 +38,8 @@ EXPORT_PREFIX = "ray_"  # what Ray's Prometheus exporter puts in front of every 
 FRESHNESS_TICK_S = 5.0
 
 ROUTES = ("auto", "named", "fallback")
-FALLBACK_REASONS = ("low_confidence", "likelihood", "no_serving_version", "worse_than_fallback", "no_routing")
+FALLBACK_REASONS = ("no_domain", "low_confidence", "likelihood", "no_serving_version", "worse_than_fallback",
+                    "no_routing")
 SWAP_KINDS = ("in_place", "blue_green")
 SWAP_OUTCOMES = ("done", "refused", "failed")
 TRIGGERS = ("schedule", "new_data", "manual")
@@ -70,8 +71,8 @@ SPECS: tuple[Spec, ...] = (
          "Time the routing model took to decide an 'auto' request, in milliseconds.",
          ("route",), (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0)),
     Spec("fallbacks", "senmon_fallbacks", "counter",
-         "'auto' requests sent to the generalist, by reason (low_confidence / likelihood / no_serving_version / "
-         "worse_than_fallback / no_routing) and the routing model's first choice.",
+         "'auto' requests sent to the generalist, by reason (no_domain / low_confidence / likelihood / "
+         "no_serving_version / worse_than_fallback / no_routing) and the routing model's first choice.",
          ("reason", "model")),
     # swaps
     Spec("swaps", "senmon_swaps", "counter",
@@ -195,6 +196,8 @@ def status_class(status: Any) -> str:
 def fallback_kind(reason: str) -> str:
     """The kind of a fallback from the router's `Decision.reason` (serve/router.py, `decide`)."""
     reason = reason or ""
+    if "no specialist's domain" in reason:  # the routing model's `none` class
+        return "no_domain"
     if "does not beat" in reason:
         return "worse_than_fallback"
     if "under the margin" in reason:  # the likelihood second opinion: no specialist explains the prompt better

@@ -116,7 +116,10 @@ def build_serve_config(config: SenmonConfig, config_path: str | Path | None = No
 
 def _ensure_routing_model(config: SenmonConfig) -> None:
     """Train the routing model when there is none, when the specialists changed, or when the saved one lacks the
-    embedding view train_router now adds (saved before 28 Nov) or was trained with other embedding weights."""
+    embedding view train_router now adds (saved before 28 Nov) or was trained with other embedding weights, or has
+    a `none` class where the config's routing_dir has no text of no domain, or lacks one where it has (28 Nov)."""
+    from senmon.config import NO_DOMAIN
+    from senmon.ingest.routing_texts import read_routing_texts
     from senmon.ingest.store import DatasetStore
     from senmon.train.embedding import EmbeddingMissing
     from senmon.train.routing import DEFAULT_EMBEDDING, load_router, train_router
@@ -126,9 +129,12 @@ def _ensure_routing_model(config: SenmonConfig) -> None:
     except EmbeddingMissing as error:
         log.warning("retraining the routing model: %s", error)
         existing = None
-    outdated = existing is not None and DEFAULT_EMBEDDING is not None and len(existing.labels) > 1 \
+    labels = set(existing.labels) if existing is not None else set()
+    outdated = existing is not None and DEFAULT_EMBEDDING is not None and len(labels) > 1 \
         and "embedding" not in existing.meta
-    if existing is None or outdated or set(existing.labels) != {s.name for s in config.specialists}:
+    with_none = config.routing_dir is not None and bool(read_routing_texts(config.routing_dir, {NO_DOMAIN}))
+    outdated = outdated or (existing is not None and (NO_DOMAIN in labels) != with_none)
+    if existing is None or outdated or labels - {NO_DOMAIN} != {s.name for s in config.specialists}:
         started = time.monotonic()
         train_router(config, DatasetStore(config.storage_root))
         log.info("routing model trained in %.1f s", time.monotonic() - started)

@@ -51,7 +51,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.responses import JSONResponse, StreamingResponse
 
-from senmon.config import SenmonConfig, load_config, parse_config
+from senmon.config import NO_DOMAIN, SenmonConfig, load_config, parse_config
 from senmon.metrics import record_decision, record_error, record_request
 from senmon.serve.auth import Keys
 from senmon.serve.errors import ApiError, from_validation, install, rate_limited, responses, unavailable
@@ -313,15 +313,19 @@ class Router:
             return Decision(requested, self._version(requested), 1.0, 0.0, "named", requested, "named in the request")
         started = started or time.perf_counter()
         if self.routing is None or not text.strip():
-            best, confidence = None, 0.0
+            best, confidence, none = None, 0.0, 0.0
         else:
             route = routed or self.routing.route([text])[0]
-            best, confidence = route.specialist, route.confidence
-        threshold = self.config.serve.confidence_threshold
-        second = self._second_opinion(text, best, confidence, nll)
+            best, confidence, none = route.specialist, route.confidence, route.none
+        threshold, none_threshold = self.config.serve.confidence_threshold, self.config.serve.none_threshold
+        second = None if none >= none_threshold else self._second_opinion(text, best, confidence, nll)
         elapsed = (time.perf_counter() - started) * 1000
         if best is None:
             chosen, route, reason = self.generalist, "fallback", "no routing model or no text"
+        elif none >= none_threshold:
+            chosen, route, reason = self.generalist, "fallback", (
+                f"the routing model puts the text in no specialist's domain ({NO_DOMAIN} {none:.2f}, at least "
+                f"{none_threshold:.2f}); else {best} {confidence:.2f}")
         elif second is not None:
             chosen = second.pop("chosen")
             route = "fallback" if chosen is None else "auto"
@@ -351,7 +355,8 @@ class Router:
             return self.decide(requested, text, routed=routed)
         started = time.perf_counter()
         routed = routed or self.routing.route([text])[0]
-        names = self._second_opinion_names(routed.specialist, routed.confidence)
+        names = None if routed.none >= self.config.serve.none_threshold else \
+            self._second_opinion_names(routed.specialist, routed.confidence)
         nll = await asyncio.to_thread(self.likelihood.timed_nll, text, names) if names else None
         return self.decide(requested, text, routed=routed, nll=nll, started=started)
 
@@ -405,6 +410,7 @@ class Router:
         decision = decision or self.decide(AUTO, text, routed=routed)
         scores = routed.scores if routed is not None else {}
         return {**asdict(decision), "threshold": self.config.serve.confidence_threshold,
+                "none_threshold": self.config.serve.none_threshold,
                 "second_opinion_below": self.config.serve.second_opinion_below if self.likelihood else None,
                 "quality_aware": self.config.serve.quality_aware,
                 "scores": dict(sorted(scores.items(), key=lambda kv: -kv[1])),

@@ -97,6 +97,8 @@ def test_specialist_rules(make_config, embedded_config_data):
         make_config(specialists=[base, base])
     with pytest.raises(ConfigError, match="specialists.0.name"):
         make_config(specialists=[dict(base, name="Bad Name")])
+    with pytest.raises(ConfigError, match="'none' is the routing model's label for text of no specialist's domain"):
+        make_config(specialists=[dict(base, name="none")])
     with pytest.raises(ConfigError, match="exceeds the replica's GPU share"):
         make_config(specialists=[dict(base, serving={"num_gpus": 0.25, "gpu_memory_utilization": 0.5})])
     with pytest.raises(ConfigError, match="specialists.0.schedule.interval"):

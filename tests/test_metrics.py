@@ -285,14 +285,11 @@ def test_helpers_record_bounded_tags(monkeypatch):
     assert fake.ingest_lag.calls == [("set", 9.0, {"topic": "t", "partition": "3"})]
 
 
-class _RouteAnswer:
-    def __init__(self, specialist, confidence):
-        self.specialist, self.confidence, self.scores = specialist, confidence, {specialist: confidence}
-
-
 class _Routing:
-    def __init__(self, specialist, confidence):
-        self.answer = _RouteAnswer(specialist, confidence)
+    def __init__(self, specialist, confidence, none=0.0):
+        from senmon.train.routing import Route
+
+        self.answer = Route(specialist, confidence, {specialist: confidence}, none=none)
 
     def route(self, texts):
         return [self.answer for _ in texts]
@@ -308,8 +305,8 @@ def test_fallback_kinds_follow_the_routers_reasons(make_config):
     router.models = [s.name for s in config.specialists] + [router.generalist]
     generalist = {"app": "a-g", "version": 1, "quality": {"law": 60.0}}
 
-    def decide(confidence, entries, routing=True):
-        router.routing = _Routing("law", confidence) if routing else None
+    def decide(confidence, entries, routing=True, none=0.0):
+        router.routing = _Routing("law", confidence, none) if routing else None
         router.likelihood = None
         router.entries = entries
         return router.decide("auto", "GNU General Public License")
@@ -320,6 +317,7 @@ def test_fallback_kinds_follow_the_routers_reasons(make_config):
         (decide(0.97, {router.generalist: generalist}), "no_serving_version"),
         (decide(0.97, {"law": {**law, "quality": {"law": 70.0}}, router.generalist: generalist}), "worse_than_fallback"),
         (decide(0.97, {router.generalist: generalist}, routing=False), "no_routing"),
+        (decide(0.97, {"law": law, router.generalist: generalist}, none=0.9), "no_domain"),
     ]
     for decision, kind in cases:
         assert decision.route == "fallback" and m.fallback_kind(decision.reason) == kind, decision.reason

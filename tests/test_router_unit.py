@@ -230,14 +230,11 @@ def test_openapi_declares_the_request_bodies():
     assert {ref.rsplit("/", 1)[-1] for ref in refs} <= set(components)
 
 
-class _Route:
-    def __init__(self, specialist, confidence):
-        self.specialist, self.confidence, self.scores = specialist, confidence, {specialist: confidence}
-
-
 class _Routing:  # the routing model's interface, fixed answers
-    def __init__(self, specialist, confidence):
-        self.answer = _Route(specialist, confidence)
+    def __init__(self, specialist, confidence, none=0.0):
+        from senmon.train.routing import Route
+
+        self.answer = Route(specialist, confidence, {specialist: confidence}, none=none)
 
     def route(self, texts):
         return [self.answer for _ in texts]
@@ -527,3 +524,27 @@ def test_a_request_whose_replica_died_is_retried_until_the_replacement_answers(m
         assert caught.value.status == 503 and "no healthy replica" in caught.value.message
         assert time.monotonic() - started < timeout_s and r.inflight == {"a-law": 0}
     assert engine.calls > 1
+
+
+def test_text_the_routing_model_puts_in_no_domain_goes_to_the_fallback_without_a_second_opinion(make_config):
+    """A routing model trained with text of no domain (its `none` class, data/routing's Debian documentation) sends a
+    prompt to the generalist when that class's probability reaches `serve.none_threshold`; below it, the specialists'
+    own confidence decides as before (and may ask the second opinion)."""
+    router = _router(make_config, law_ppl=40.0, fallback_ppl=60.0)
+    router.entries["code"] = {"app": "a-code", "version": 2, "quality": None}
+    router.likelihood = _Scorer({"law": 3.1, "code": 2.5, router.generalist: 2.9})
+    threshold = router.config.serve.none_threshold
+
+    router.routing = _Routing("law", 0.5, none=threshold)  # unsure among the specialists too: still no second opinion
+    nowhere = router.decide("auto", "apt-get install the package")
+    assert (nowhere.specialist, nowhere.route, nowhere.best, nowhere.second_opinion) == (
+        router.generalist, "fallback", "law", None)
+    assert f"no specialist's domain (none {threshold:.2f}" in nowhere.reason and router.likelihood.calls == 0
+    assert asyncio.run(router.decide_async("auto", "apt-get install the package")).route == "fallback"
+    assert router.likelihood.calls == 0 and m.fallback_kind(nowhere.reason) == "no_domain"
+    assert router.explain("apt-get install the package")["none_threshold"] == threshold
+
+    router.routing = _Routing("law", 0.97, none=threshold - 0.01)  # under it: the specialist, as without the class
+    assert router.decide("auto", "GNU General Public License").specialist == "law"
+    router.routing = _Routing("law", 0.5, none=threshold - 0.01)  # and an unsure classifier asks the likelihood
+    assert router.decide("auto", "GNU General Public License").specialist == "code" and router.likelihood.calls == 1

@@ -210,3 +210,36 @@ def test_the_embedding_view_routes_sources_the_model_never_saw_better():
     alone, both = (RoutingModel.train(train, seed=0, embedding=e) for e in (None, EMBEDDING))
     assert mean(both.accuracy(other)) >= mean(alone.accuracy(other)) + 0.01
     assert mean(both.accuracy(other, snippet_chars=100)) >= mean(alone.accuracy(other, snippet_chars=100)) + 0.02
+
+
+def test_a_none_class_learns_text_of_no_domain_and_routes_never_name_it():
+    """data/routing's text of no domain (the Debian handbook and reference) trains a `none` class beside the
+    specialists. Trained on the handbook, the model gives the Debian Reference (a source it never saw) a higher
+    probability of `none` than the corpus's own test documents, and far more of them reach `serve.none_threshold`;
+    `route()` still names a specialist, with its share of the specialists' probability as the confidence, and
+    `classify` (what ingest takes) never answers `none`."""
+    from senmon.config import NO_DOMAIN, ServeConfig
+    from senmon.ingest.routing_texts import read_routing_texts
+
+    routing = CORPUS.parent / "routing"
+    handbook = read_routing_texts(routing, {NO_DOMAIN}, leave_out={"debian-reference-en"})[NO_DOMAIN][:150]
+    reference = read_routing_texts(routing, {NO_DOMAIN}, leave_out={"debian-handbook"})[NO_DOMAIN][:100]
+    model = RoutingModel.loads(RoutingModel.train({**texts("train", 60), NO_DOMAIN: handbook}, seed=0).dumps())
+    assert NO_DOMAIN in model.labels
+    in_domain = [t for docs in texts("test", 20).values() for t in docs]
+    unseen, known = model.route(reference), model.route(in_domain)
+    threshold = ServeConfig().none_threshold
+
+    def share(routes) -> float:
+        return sum(r.none >= threshold for r in routes) / len(routes)
+
+    assert np.mean([r.none for r in unseen]) > np.mean([r.none for r in known]) + 0.3
+    assert share(unseen) >= 0.6 and share(known) <= 0.1, (share(unseen), share(known))
+    for r in unseen + known:
+        assert r.specialist in DOMAINS and r.none == pytest.approx(r.scores[NO_DOMAIN])
+        assert r.confidence == pytest.approx(r.scores[r.specialist] / (1 - r.none))
+    assert {name for name, _ in model.classify(reference)} <= set(DOMAINS)
+
+
+def test_a_model_without_a_none_class_says_none_is_zero(words_chars_model):
+    assert all(r.none == 0.0 for r in words_chars_model.route(["GNU General Public License", "吾輩は猫である"]))

@@ -35,7 +35,9 @@ def test_cut_ends_at_a_space_and_keeps_short_text():
 
 def test_what_may_ship():
     assert not shippable("manpages-ja")  # its licences oblige shipping the nroff sources
-    assert not any(shippable(n) for n, (domain, _, _) in EXTRA_SOURCES.items() if domain == NO_DOMAIN)
+    assert not shippable("package-descriptions")  # each under its own package's licence; a test source only
+    assert [n for n, (domain, _, _) in EXTRA_SOURCES.items() if domain == NO_DOMAIN and shippable(n)] == [
+        "debian-reference-en", "debian-handbook"]  # GPL-2+: the routing model's none class
     assert shippable("dict-devil") and shippable("libreoffice-help-ja")
 
 
@@ -45,7 +47,7 @@ def test_every_held_out_source_is_left_out_by_exactly_one_fold():
     assert sorted(n for fold in FOLDS for n in fold) == sorted(EXTRA_SOURCES)
     for fold in FOLDS:  # each fold's model keeps at least one shipped source of every domain to train on
         kept = {EXTRA_SOURCES[n][0] for n in EXTRA_SOURCES if n not in fold and shippable(n)}
-        assert kept == set(DOMAINS), fold
+        assert kept == set(DOMAINS) | {NO_DOMAIN}, fold
 
 
 def test_shipped_routing_text_matches_its_manifest_and_never_a_held_out_split():
@@ -64,7 +66,7 @@ def test_shipped_routing_text_matches_its_manifest_and_never_a_held_out_split():
             assert 0 < len(doc["text"]) <= manifest["max_chars"]
             assert dedupe_key(doc["text"]) not in corpus
         domains.add(EXTRA_SOURCES[name][0])
-    assert domains == set(DOMAINS)  # every domain gets a second source
+    assert domains == set(DOMAINS) | {NO_DOMAIN}  # every domain gets a second source, and text of no domain ships
     by_domain = read_routing_texts(ROUTING, {"dictionary"})
     assert list(by_domain) == ["dictionary"] and len(by_domain["dictionary"]) == manifest["documents_by_domain"]["dictionary"]
     assert read_routing_texts(REPO / "no-such-dir") == {}
@@ -147,3 +149,33 @@ def test_deploy_retrains_a_routing_model_saved_without_the_embedding(make_config
     write_atomic(fs, router_paths(base)[0], other.dumps())
     _ensure_routing_model(config)
     assert load_router(config.storage_root).meta["embedding"]["sha256"] == again.meta["embedding"]["sha256"]
+
+
+def test_deploy_gives_the_routing_model_a_none_class_where_the_routing_dir_has_text_of_no_domain(make_config, store,
+                                                                                                 tmp_path):
+    """A routing model saved before data/routing had text of no domain (28 Nov) is retrained with the `none` class
+    when deployed over a routing_dir that has some; one that has the class is kept (its labels are the specialists
+    and `none`), and it goes again with a routing_dir without such text."""
+    import shutil
+
+    from senmon.config import NO_DOMAIN
+    from senmon.serve.app import _ensure_routing_model
+    from senmon.train.routing import load_router, train_router
+
+    routing_dir = tmp_path / "routing"
+    routing_dir.mkdir()
+    shutil.copy(ROUTING / "dict-devil.jsonl", routing_dir)
+    without = make_config(storage_root=store.root, routing_dir=str(routing_dir))
+    train_router(without, store)
+    assert NO_DOMAIN not in load_router(store.root).labels
+
+    shutil.copy(ROUTING / "debian-handbook.jsonl", routing_dir)
+    _ensure_routing_model(without)  # the same config, the directory now has text of no domain
+    trained = load_router(store.root)
+    assert NO_DOMAIN in trained.labels and trained.meta["routing_dir_documents"][NO_DOMAIN] == 400
+    _ensure_routing_model(without)
+    assert load_router(store.root).meta["trained_at"] == trained.meta["trained_at"]  # kept: nothing changed
+
+    (routing_dir / "debian-handbook.jsonl").unlink()
+    _ensure_routing_model(without)
+    assert NO_DOMAIN not in load_router(store.root).labels

@@ -20,6 +20,8 @@ import openai
 import pytest
 import ray
 
+from senmon.config import NO_DOMAIN
+
 from senmon.config import parse_config
 from senmon.serve.testing import Traffic
 
@@ -32,6 +34,8 @@ pytestmark = pytest.mark.slow
 
 LAW = "This program is free software; you can redistribute it under the terms of the GNU General Public License."
 JAPANESE = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
+DEBIAN_ADMIN = ("To upgrade a Debian system, run apt update and then apt full-upgrade as root. The installer sets up the "
+                "network interfaces, the package mirror and the boot loader; later changes go in /etc/network/interfaces.")
 VAGUE = "hello there"  # no domain: the router is unsure (0.48 here; "hello" alone 0.64 with the embedding view)
 
 
@@ -185,7 +189,9 @@ def test_models_and_route_explain(served):
 
     explained = post(served, "/v1/route", {"messages": [{"role": "user", "content": JAPANESE}]}).json()
     assert explained["specialist"] == "japanese" and explained["threshold"] == THRESHOLD
-    assert set(explained["scores"]) == {s.name for s in config.specialists}
+    # the specialists and `none` (data/routing's text of no domain), below the threshold that sends a prompt away
+    assert set(explained["scores"]) == {s.name for s in config.specialists} | {NO_DOMAIN}
+    assert explained["scores"][NO_DOMAIN] < explained["none_threshold"] == config.serve.none_threshold
     assert abs(sum(explained["scores"].values()) - 1) < 1e-6
     # the routing model's two views, and the scores are their mix (train/routing.py's `mix`)
     views, weight = explained["views"], explained["views"]["weight"]
@@ -196,6 +202,10 @@ def test_models_and_route_explain(served):
     # a specialist without a serving version: its text goes to the generalist, and the reason says so
     code = post(served, "/v1/route", {"prompt": "import os\nimport sys\ndef main(argv):\n    return os.path.join(*argv)"}).json()
     assert code["best"] == "code" and code["specialist"] == "generalist" and "no serving version" in code["reason"]
+    # text of no specialist's domain (system administration, as the Debian documentation the `none` class learned)
+    nowhere = post(served, "/v1/route", {"prompt": DEBIAN_ADMIN}).json()
+    assert (nowhere["specialist"], nowhere["route"], nowhere["second_opinion"]) == ("generalist", "fallback", None)
+    assert "no specialist's domain" in nowhere["reason"] and nowhere["scores"][NO_DOMAIN] >= nowhere["none_threshold"]
 
 
 def test_python_handle_gives_the_same_calls(served):

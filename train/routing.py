@@ -42,6 +42,8 @@ from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.utils import murmurhash3_32
 
+from senmon.config import NO_DOMAIN
+
 SNIPPET_CHARS = (40, 300)  # prompt-like lengths cut from each training document
 SNIPPETS_PER_DOC = 3
 CHAR13 = "char13"  # hashed char 1-3-grams of the lower-cased text (the first routing model)
@@ -181,10 +183,14 @@ def mix(ngrams: np.ndarray, embedded: np.ndarray, weight: float) -> np.ndarray:
 
 @dataclass
 class Route:
+    """`specialist`: the likeliest specialist, never NO_DOMAIN; `confidence`: its share of the specialists' probability
+    (the probabilities without NO_DOMAIN, renormalised); `none`: the probability that the text belongs to no
+    specialist (0 for a routing model trained without NO_DOMAIN text); `scores`: every label's probability."""
     specialist: str
     confidence: float
     scores: dict[str, float]
     views: dict[str, dict[str, float]] | None = None  # with the embedding: each view's own probabilities, before mixing
+    none: float = 0.0
 
 
 _MARKUP = re.compile(r"[*_`#|<>{}\[\]=~^]+")
@@ -301,17 +307,22 @@ class RoutingModel:
     def route(self, texts: list[str]) -> list[Route]:
         ngrams, embedded = self.views(texts)
         mixed = self._mixed(ngrams, embedded)
+        none_column = self.labels.index(NO_DOMAIN) if NO_DOMAIN in self.labels else None
         result = []
         for index, row in enumerate(mixed):
-            best = int(np.argmax(row))
+            none = 0.0 if none_column is None else float(row[none_column])
+            specialists = row if none_column is None else np.where(np.arange(len(row)) == none_column, -1.0, row)
+            best = int(np.argmax(specialists))
             views = None if embedded is None else {
                 "ngrams": dict(zip(self.labels, map(float, ngrams[index]))),
                 "embedding": dict(zip(self.labels, map(float, embedded[index]))), "weight": self._embedding_weight}
-            result.append(Route(self.labels[best], float(row[best]), dict(zip(self.labels, map(float, row))), views))
+            result.append(Route(self.labels[best], float(row[best]) / max(1.0 - none, 1e-12),
+                                dict(zip(self.labels, map(float, row))), views, none))
         return result
 
     def classify(self, texts: list[str]) -> list[tuple[str, float]]:
-        """(specialist, confidence) per text: the form the ingest side takes."""
+        """(specialist, confidence) per text: the form the ingest side takes (always a specialist: a document the
+        model puts in no specialist's domain still joins the likeliest one's data)."""
         return [(r.specialist, r.confidence) for r in self.route(texts)]
 
     def accuracy(self, texts_by_specialist: dict[str, list[str]], snippet_chars: int | None = None,
@@ -347,8 +358,9 @@ def router_paths(base: str) -> tuple[str, str]:
 
 
 def train_router(config, store) -> RoutingModel:
-    """Train on every specialist's training split and the config's `routing_dir` text of its domains, measure on
-    the store's test split, save under the storage root."""
+    """Train on every specialist's training split and the config's `routing_dir` text of its domains (and, where
+    the directory has some, text of no domain as the NO_DOMAIN class), measure on the store's test split, save under
+    the storage root."""
     from senmon.ingest.routing_texts import read_routing_texts
     from senmon.storage import filesystem, write_atomic
 
@@ -357,9 +369,11 @@ def train_router(config, store) -> RoutingModel:
         if not Path(config.routing_dir).is_dir():
             raise FileNotFoundError(f"routing_dir {config.routing_dir} does not exist (set routing_dir: null to train "
                                     "the routing model on the dataset store alone)")
-        extra = read_routing_texts(config.routing_dir, {d for s in config.specialists for d in s.domains})
+        extra = read_routing_texts(config.routing_dir, {d for s in config.specialists for d in s.domains} | {NO_DOMAIN})
     train = {s.name: [t for d in s.domains for t in store.texts(d, "train") + extra.get(d, [])]
              for s in config.specialists}
+    if extra.get(NO_DOMAIN):  # text of no specialist's domain: a class of its own, which the router sends to the fallback
+        train[NO_DOMAIN] = extra[NO_DOMAIN]
     test = {s.name: [t for d in s.domains for t in store.texts(d, "test")] for s in config.specialists}
     model = RoutingModel.train(train, seed=config.training.seed)
     model.meta["routing_dir_documents"] = {d: len(texts) for d, texts in sorted(extra.items())}

@@ -15,12 +15,13 @@ import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
 
+from senmon.config import NO_DOMAIN
+
 from .gcide import b64_number
 from .japanese import html_sections
 from .licences import _dep5_licence_bodies
 from .pydoc import strip_rest
 
-NO_DOMAIN = "none"
 
 # Debian packages whose copyright files are the extra law text (besides the copyright files of every package
 # fetched below). None of them is installed on the machine that built the shipped corpus, whose own
