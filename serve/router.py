@@ -5,8 +5,10 @@ as server-sent events), `GET /v1/models`, plus `POST /v1/route` (explain a routi
 without generating) and the admin endpoints `POST /admin/promote|rollback|reload`. `GET /status` is a status
 page for people and `GET /status/data` its data as JSON (serve/status_page.py, senmon/status.py).
 
-`model: "auto"` routes by content with the routing model (train/routing.py). Where it is less sure than
-`serve.second_opinion_below`, the serving models' own likelihood of the prompt decides (serve/likelihood.py): the
+`model: "auto"` routes by content with the routing model (train/routing.py). A prompt it gives at least
+`serve.none_threshold` probability of belonging to no specialist's domain (its `none` class) goes to the generalist.
+Where it is less sure than `serve.second_opinion_below` of its specialist, the serving models' own likelihood of
+the prompt decides (serve/likelihood.py): the
 specialist that explains it best, or the generalist when none beats it by `serve.likelihood_margin` nats per
 token. Until the router holds those models (a second or two after start or a swap), a best score below
 `serve.confidence_threshold` goes to the generalist. A model's own name sends there directly.

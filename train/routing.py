@@ -21,6 +21,10 @@ in WordLlama's static embedding (train/embedding.py, from PyPI), with a logistic
 views' log-probabilities are mixed with `EMBEDDING_WEIGHT` on the embedding's (chosen on validation text,
 bench/routing.py). The n-grams know each source's words; the embedding knows which words mean similar things,
 which is what a source the model never saw shares with the ones it did.
+Since 28 Nov evening the routing_dir also holds text of no specialist's domain (the English Debian Reference and
+Debian Administrator's Handbook), which `train_router` turns into a class of its own, NO_DOMAIN ("none"). `route()`
+still names the likeliest specialist, with its share of the specialists' probability as the confidence, and adds the
+probability of `none`, from which the router sends a prompt to the fallback (`serve.none_threshold`).
 """
 
 from __future__ import annotations
