@@ -52,7 +52,7 @@ import numpy as np
 from bench.common import table, write_results
 from senmon.ingest.routing_texts import read_routing_texts
 from senmon.ingest.sources.extra import EXTRA_SOURCES, NO_DOMAIN
-from senmon.train.routing import CHAR13, EMBEDDING, WORDS_CHARS, RoutingModel, mix
+from senmon.train.routing import CHAR13, EMBEDDING, WORDS_CHARS, RoutingModel, mix, read_scores
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus"
@@ -351,16 +351,10 @@ def nll_all(scorer, texts: list[str], batch: int = 32) -> list[dict[str, float]]
 
 
 def split(probs: list[dict[str, float]]) -> tuple[list[str], list[float], list[float]]:
-    """As the router reads the routing model (train/routing.py `Route`): per item the likeliest specialist, its share
-    of the specialists' probability, and the probability of NO_DOMAIN (0 without that class)."""
-    best, confidence, none = [], [], []
-    for p in probs:
-        specialists = {k: v for k, v in p.items() if k != NO_DOMAIN}
-        b = max(specialists, key=specialists.get)
-        best.append(b)
-        none.append(p.get(NO_DOMAIN, 0.0))
-        confidence.append(specialists[b] / max(1.0 - none[-1], 1e-12))
-    return best, confidence, none
+    """As the router reads the routing model (train/routing.py `read_scores`): per item the likeliest specialist, its
+    share of the specialists' probability, and the probability of NO_DOMAIN (0 without that class)."""
+    best, confidence, none = zip(*map(read_scores, probs))
+    return list(best), list(confidence), list(none)
 
 
 def combined(routed: tuple[list[str], list[float], list[float]], nll: list[dict], below: float, margin: float,
@@ -382,11 +376,6 @@ def combined(routed: tuple[list[str], list[float], list[float]], nll: list[dict]
             chosen.append(decide(scores, "generalist", margin).chosen or NO_DOMAIN)
             fired.append(True)
     return chosen, fired
-
-
-def below_one(none: list[float]) -> bool:
-    """Whether a routing model has a NO_DOMAIN class at all (its probability is 0 everywhere without one)."""
-    return any(n > 0 for n in none)
 
 
 def balanced_accuracy(evaluation: list[dict], chosen: list[str], group: str = "validation") -> float:
@@ -559,7 +548,7 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
 
         configured = name.endswith("as configured")
         margins = [args.configured_margin] if configured else MARGINS
-        has_none = VARIANTS[variant][2] and below_one(routed[2]) and name != "likelihood"  # likelihood alone: no class
+        has_none = NO_DOMAIN in classifiers[0].labels and name != "likelihood"  # likelihood alone: no class
         nones = ([args.configured_none] if configured else NONE_THRESHOLDS) if has_none else [1.01]
         grid = [(validation_quality(b, m, n), b, m, n) for b in belows for m in margins for n in nones]
         # the router's latency goal: the second opinion on at most MAX_FIRED of validation prompts (the classifier

@@ -8,9 +8,9 @@ The corpus has one source per domain, and a router trained on it alone learns ea
 `train` split of every source whose licence lets it ship (not manpages-ja, whose pages carry
 licences that oblige distributing the nroff sources), at most `--max-docs` documents each (by id hash) and
 each cut to `--max-chars`; the sources of no domain's text among them (domain `none`) teach the routing model a
-class of its own for text that belongs to no specialist, which the router sends to the fallback. The `validation` and `test` splits never ship: bench/routing.py picks the
-fallback threshold on the one and reports on the other, and scores every held-out source with a model that
-did not train on it (leave-one-source-out). `train/routing.py`'s `train_router` reads the result from the
+class of its own for text that belongs to no specialist, which the router sends to the fallback. The `validation`
+and `test` splits never ship: bench/routing.py picks the fallback threshold on the one and reports on the other,
+and scores every held-out source with a model that did not train on it (leave-one-source-out). `train/routing.py`'s `train_router` reads the result from the
 config's `routing_dir` beside the dataset store. Licences: data/LICENSES.md.
 """
 

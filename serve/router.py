@@ -320,7 +320,7 @@ class Router:
             route = routed or self.routing.route([text])[0]
             best, confidence, none = route.specialist, route.confidence, route.none
         threshold, none_threshold = self.config.serve.confidence_threshold, self.config.serve.none_threshold
-        second = None if none >= none_threshold else self._second_opinion(text, best, confidence, nll)
+        second = self._second_opinion(text, best, confidence, none, nll)
         elapsed = (time.perf_counter() - started) * 1000
         if best is None:
             chosen, route, reason = self.generalist, "fallback", "no routing model or no text"
@@ -357,26 +357,27 @@ class Router:
             return self.decide(requested, text, routed=routed)
         started = time.perf_counter()
         routed = routed or self.routing.route([text])[0]
-        names = None if routed.none >= self.config.serve.none_threshold else \
-            self._second_opinion_names(routed.specialist, routed.confidence)
+        names = self._second_opinion_names(routed.specialist, routed.confidence, routed.none)
         nll = await asyncio.to_thread(self.likelihood.timed_nll, text, names) if names else None
         return self.decide(requested, text, routed=routed, nll=nll, started=started)
 
-    def _second_opinion_names(self, best: str | None, confidence: float) -> list[str] | None:
-        """The models the second opinion scores, when it fires: the classifier unsure, the router holding the
-        serving models' weights, a specialist among them; None otherwise."""
+    def _second_opinion_names(self, best: str | None, confidence: float, none: float) -> list[str] | None:
+        """The models the second opinion scores, when it fires: the classifier unsure of its specialist and not
+        placing the text in no domain (`none`), the router holding the serving models' weights, a specialist among
+        them; None otherwise."""
         serve_config = self.config.serve
-        if (best is None or confidence >= serve_config.second_opinion_below or self.likelihood is None
-                or not self.likelihood.ready):
+        if (best is None or confidence >= serve_config.second_opinion_below or none >= serve_config.none_threshold
+                or self.likelihood is None or not self.likelihood.ready):
             return None
         names = [m for m in self.entries if m in self.likelihood.models]
         return names if any(m != self.generalist for m in names) else None
 
-    def _second_opinion(self, text: str, best: str | None, confidence: float, nll: tuple | None = None) -> dict | None:
+    def _second_opinion(self, text: str, best: str | None, confidence: float, none: float,
+                        nll: tuple | None = None) -> dict | None:
         """The likelihood decision (serve/likelihood.py) when the classifier is unsure and the router holds the
         serving models; None otherwise. `nll`: the scores already computed (decide_async)."""
         serve_config = self.config.serve
-        names = self._second_opinion_names(best, confidence)
+        names = self._second_opinion_names(best, confidence, none)
         if names is None:
             return None
         nll, ms = nll if nll is not None else self.likelihood.timed_nll(text, names)

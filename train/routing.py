@@ -197,6 +197,14 @@ class Route:
     none: float = 0.0
 
 
+def read_scores(scores: dict[str, float]) -> tuple[str, float, float]:
+    """(the likeliest specialist, its share of the specialists' probability, the probability of NO_DOMAIN) from a
+    routing model's probabilities: how `Route` and the benchmarks read them."""
+    none = scores.get(NO_DOMAIN, 0.0)
+    best = max((label for label in scores if label != NO_DOMAIN), key=scores.__getitem__)
+    return best, scores[best] / max(1.0 - none, 1e-12), none
+
+
 _MARKUP = re.compile(r"[*_`#|<>{}\[\]=~^]+")
 
 
@@ -311,17 +319,14 @@ class RoutingModel:
     def route(self, texts: list[str]) -> list[Route]:
         ngrams, embedded = self.views(texts)
         mixed = self._mixed(ngrams, embedded)
-        none_column = self.labels.index(NO_DOMAIN) if NO_DOMAIN in self.labels else None
         result = []
         for index, row in enumerate(mixed):
-            none = 0.0 if none_column is None else float(row[none_column])
-            specialists = row if none_column is None else np.where(np.arange(len(row)) == none_column, -1.0, row)
-            best = int(np.argmax(specialists))
+            scores = dict(zip(self.labels, map(float, row)))
+            best, confidence, none = read_scores(scores)
             views = None if embedded is None else {
                 "ngrams": dict(zip(self.labels, map(float, ngrams[index]))),
                 "embedding": dict(zip(self.labels, map(float, embedded[index]))), "weight": self._embedding_weight}
-            result.append(Route(self.labels[best], float(row[best]) / max(1.0 - none, 1e-12),
-                                dict(zip(self.labels, map(float, row))), views, none))
+            result.append(Route(best, confidence, scores, views, none))
         return result
 
     def classify(self, texts: list[str]) -> list[tuple[str, float]]:
