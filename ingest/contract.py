@@ -3,7 +3,9 @@
 A message value is a UTF-8 JSON object `{"id", "text", "domain"?, "source"?, "ts"?}`. `domain`
 names one of the configured domains; when it is absent the routing model picks a specialist and
 the document goes to that specialist's first domain, recorded as `assigned_by: "router"` with
-the router's confidence. `check_message` turns one message value into either a dataset row or a
+the router's confidence, unless the routing model puts it in no specialist's domain (its `none` class at least
+`serve.none_threshold`, as the router's `auto` reads it): such a document would teach a specialist text of no domain,
+so it becomes a `no_domain` dead letter, to produce back with a `domain` where an operator knows one. `check_message` turns one message value into either a dataset row or a
 `Rejection` (a reason code plus a human detail); it is plain Python, so every rule is tested
 without Kafka. A rejected message becomes a dead letter on the dead-letter topic: where it
 came from and why in its Kafka headers (`senmon.reason`, `senmon.detail`,
@@ -28,11 +30,12 @@ REASONS = {
     "bad_field": "'domain', 'source' or 'ts' has the wrong type",
     "unknown_domain": "'domain' names no configured domain",
     "no_router": "no domain and no routing model",
+    "no_domain": "no domain given, and the routing model puts the text in no specialist's domain",
 }
 
 
-class Router(Protocol):
-    def classify(self, texts: list[str]) -> list[tuple[str, float]]: ...
+class Router(Protocol):  # train/routing.py's RoutingModel: a Route (specialist, confidence, none, ...) per text
+    def route(self, texts: list[str]) -> list: ...
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,12 @@ class Routing:
 
     domains: frozenset[str]
     domain_of_specialist: dict[str, str]  # a routed document joins its specialist's first domain
+    none_threshold: float = 1.01  # the routing model's `none` from which a document is in no domain (above 1: never)
 
     @classmethod
     def from_config(cls, config) -> "Routing":
-        return cls(frozenset(config.domains), {s.name: s.domains[0] for s in config.specialists})
+        return cls(frozenset(config.domains), {s.name: s.domains[0] for s in config.specialists},
+                   config.serve.none_threshold)
 
 
 def check_message(value: bytes | None, max_bytes: int, routing: Routing) -> dict | Rejection:
@@ -87,7 +92,7 @@ def check_message(value: bytes | None, max_bytes: int, routing: Routing) -> dict
 
 
 def route(rows: list[dict], routing: Routing, router: Router | None) -> list[dict | Rejection]:
-    """Give every row without a domain its specialist's domain, or a `no_router` rejection."""
+    """Give every row without a domain its specialist's domain, or a `no_router` or `no_domain` rejection."""
     unrouted = [row for row in rows if row["domain"] is None]
     if not unrouted:
         return list(rows)
@@ -95,13 +100,17 @@ def route(rows: list[dict], routing: Routing, router: Router | None) -> list[dic
         assigned = {id(row): Rejection("no_router", REASONS["no_router"]) for row in unrouted}
     else:
         assigned = {}
-        for row, (specialist, confidence) in zip(unrouted, router.classify([row["text"] for row in unrouted])):
-            domain = routing.domain_of_specialist.get(specialist)
-            if domain is None:  # a router trained for another configuration
-                assigned[id(row)] = Rejection("unknown_domain", f"the router chose {specialist!r}, not a configured specialist")
+        for row, decided in zip(unrouted, router.route([row["text"] for row in unrouted])):
+            domain = routing.domain_of_specialist.get(decided.specialist)
+            if decided.none >= routing.none_threshold:
+                assigned[id(row)] = Rejection("no_domain", f"none {decided.none:.2f} (at least {routing.none_threshold:.2f}); "
+                                                           f"else {decided.specialist} {decided.confidence:.2f}")
+            elif domain is None:  # a router trained for another configuration
+                assigned[id(row)] = Rejection("unknown_domain",
+                                              f"the router chose {decided.specialist!r}, not a configured specialist")
             else:
                 assigned[id(row)] = {**row, "domain": domain, "assigned_by": "router",
-                                     "route_confidence": float(confidence)}
+                                     "route_confidence": float(decided.confidence)}
     return [assigned.get(id(row), row) for row in rows]
 
 

@@ -183,6 +183,29 @@ def test_documents_without_domain_are_routed_or_rejected():
     assert [r.reason for r in route(rows, ROUTING, None)] == ["no_router", "no_router"]
 
 
+def test_a_document_the_routing_model_puts_in_no_domain_is_a_dead_letter_not_training_text():
+    """With a `none` class (data/routing's Debian handbook), a document without a domain that the model puts in no
+    specialist's domain is rejected as `no_domain` (naming the numbers), so no specialist trains on it; the
+    configured domains' documents are routed as before, and without the threshold (above 1) nothing is rejected."""
+    from senmon.config import NO_DOMAIN
+    from senmon.ingest.routing_texts import read_routing_texts
+    from senmon.train.routing import RoutingModel
+
+    law = [d["text"] for d in read_jsonl(CORPUS / "train" / "law.jsonl")][:40]
+    code = [d["text"] for d in read_jsonl(CORPUS / "train" / "code.jsonl")][:40]
+    handbook = read_routing_texts(CORPUS.parent / "routing", {NO_DOMAIN}, leave_out={"debian-reference-en"})[NO_DOMAIN]
+    router = RoutingModel.train({"law": law, "code": code, NO_DOMAIN: handbook[:80]})
+    admin = ("To upgrade a Debian system, run apt update and then apt full-upgrade as root. The installer sets up the "
+             "network interfaces, the package mirror and the boot loader; later changes go in /etc/network/interfaces.")
+    rows = [check_message(json.dumps({"id": str(i), "text": text}).encode(), 10**6, ROUTING)
+            for i, text in enumerate([law[0], admin])]
+    strict = Routing(ROUTING.domains, ROUTING.domain_of_specialist, none_threshold=0.3)
+    law_row, rejected = route(rows, strict, router)
+    assert law_row["domain"] == "law" and law_row["assigned_by"] == "router"
+    assert isinstance(rejected, Rejection) and rejected.reason == "no_domain" and "(at least 0.30)" in rejected.detail
+    assert [r["domain"] for r in route(rows, ROUTING, router)] == ["law", router.route([admin])[0].specialist]
+
+
 def test_shard_names_are_deterministic_and_parse_back():
     name = shard_name("senmon.documents", 2, 100, 199, "ab12cd34ef56")
     assert name == shard_name("senmon.documents", 2, 100, 199, "ab12cd34ef56")

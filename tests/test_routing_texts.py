@@ -115,7 +115,7 @@ def test_train_router_adds_the_routing_dir_and_it_routes_an_unseen_source_better
     assert with_dir.meta["documents"]["japanese"] == 60 + with_dir.meta["routing_dir_documents"]["japanese"]
     unseen = [json.loads(line)["text"]
               for line in (ROUTING / "libreoffice-help-ja.jsonl").read_text(encoding="utf-8").splitlines()]
-    share = {name: sum(s == "japanese" for s, _ in model.classify(unseen)) / len(unseen)
+    share = {name: sum(r.specialist == "japanese" for r in model.route(unseen)) / len(unseen)
              for name, model in (("with", with_dir), ("alone", alone))}
     assert share["with"] > share["alone"] + 0.1, share
 

@@ -329,11 +329,6 @@ class RoutingModel:
             result.append(Route(best, confidence, scores, views, none))
         return result
 
-    def classify(self, texts: list[str]) -> list[tuple[str, float]]:
-        """(specialist, confidence) per text: the form the ingest side takes (always a specialist: a document the
-        model puts in no specialist's domain still joins the likeliest one's data)."""
-        return [(r.specialist, r.confidence) for r in self.route(texts)]
-
     def accuracy(self, texts_by_specialist: dict[str, list[str]], snippet_chars: int | None = None,
                  seed: int = 1) -> dict[str, float]:
         """Accuracy per specialist on whole documents, or on one snippet of `snippet_chars` per document."""
