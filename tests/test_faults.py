@@ -30,16 +30,25 @@ def _median(values: list[float]) -> float:
 
 
 def _pid(actor) -> int:
-    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=RESTART_DEADLINE_S)
+
+
+RESTART_DEADLINE_S = 120  # a restart not answered by then hangs; how long one takes is a figure, not a test
 
 
 def _restarted(actor, old_pid: int, started: float) -> tuple[float, int]:
     """Seconds from `started` (the kill) until the actor answers from a new process, and its pid. (`ray.kill`
-    returns at once: the old process may still answer a call or two.) Calls queued before are answered first."""
+    returns at once: the old process may still answer a call or two.) Calls queued before are answered first.
+
+    How long depends on the host's load more than on senmon: Ray starts the new worker at nice 15, so
+    processes at nice 0 (a test's driver, the broker, HAProxy, GCS and raylet) come first. Here a restart took
+    0.5-1.0 s with the cores idle or busy at nice 15, 13-16 s beside four busy loops at nice 0, and once
+    31.6 s in CI. So the deadline only tells a hang from a slow start."""
     while True:
         pid = _pid(actor)
         if pid != old_pid:
             return time.monotonic() - started, pid
+        assert time.monotonic() - started < RESTART_DEADLINE_S, f"no restart within {RESTART_DEADLINE_S} s"
         time.sleep(0.005)
 
 
@@ -112,7 +121,6 @@ def test_serving_table_restarts_with_its_pointers(ray_local, tmp_path):
         "kills": len(recoveries), "recovery_s": [round(s, 3) for s in recoveries],
         "recovery_s_median": round(_median(recoveries), 3), "recovery_s_max": round(max(recoveries), 3),
         "entries": len(entries), "epoch_kept": True})
-    assert max(recoveries) < 30, f"the serving table took {max(recoveries):.1f} s to answer after a kill"
 
 
 def test_a_swap_guard_is_taken_over_only_by_its_own_holder():
