@@ -378,6 +378,21 @@ def combined(routed: tuple[list[str], list[float], list[float]], nll: list[dict]
     return chosen, fired
 
 
+def fallback_causes(evaluation: list[dict], chosen: list[str], fired: list[bool]) -> dict:
+    """Of held-out in-domain texts and texts of no domain, the share sent to the fallback by each cause: the `none`
+    class (at least its threshold; the second opinion is not asked) or the second opinion (the fallback predicted
+    the text best), whole documents and snippets."""
+    shares: dict = {}
+    for group, key in (("heldout", "in_domain"), ("ood-test", "no_domain")):
+        shares[key] = {}
+        for form in ("whole", "snippet"):
+            items = [(c, f) for item, c, f in zip(evaluation, chosen, fired)
+                     if item["group"] == group and item["form"] == form]
+            shares[key][form] = {"none_class": rate([c == NO_DOMAIN and not f for c, f in items]),
+                                 "second_opinion": rate([c == NO_DOMAIN and f for c, f in items])}
+    return shares
+
+
 def balanced_accuracy(evaluation: list[dict], chosen: list[str], group: str = "validation") -> float:
     """Mean over the five domains and no-domain (right = the generalist), whole documents and snippets."""
     by = defaultdict(list)
@@ -567,6 +582,7 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
                                        "none_threshold": none_threshold, "validation_answer_ppl_vs_generalist": ppl},
                          "second_opinion_fired": rate(fired),
                          "at_chosen_threshold": measure(evaluation, chosen, [1.0] * len(chosen), 0.0),
+                         "fallback_causes": fallback_causes(evaluation, chosen, fired),
                          "latency": likelihood_latency(classifiers[0], scorer, evaluation, below, margin,
                                                        list(dict.fromkeys([args.threads, 2])), none_threshold)}
         shown = f", none from {none_threshold}" if none_threshold <= 1 else ""
@@ -574,6 +590,13 @@ def likelihood_variants(args, corpus: dict, extra: dict, evaluation: list[dict],
             prefix_routed, prefix_nll, below, margin, none_threshold)[0]
         print(f"{name}: below {below}, margin {margin}{shown}: validation answers {ppl:.3f}x the generalist's "
               f"perplexity; second opinion on {100 * rate(fired):.0f}% of prompts", flush=True)
+        causes, one = results[name]["fallback_causes"], lambda v: "-" if v is None else f"{100 * v:.1f}%"
+        print(f"  to the fallback (whole / snippet), by the none class + by the second opinion: in-domain "
+              + ", ".join(f"{one(causes['in_domain'][f]['none_class'])} + {one(causes['in_domain'][f]['second_opinion'])}"
+                          for f in ("whole", "snippet"))
+              + "; no domain " + ", ".join(f"{one(causes['no_domain'][f]['none_class'])} + "
+                                           f"{one(causes['no_domain'][f]['second_opinion'])}" for f in ("whole", "snippet")),
+              flush=True)
     return {name: answer_quality(rows, chosen) for name, chosen in quality_policies.items()}
 
 

@@ -109,6 +109,25 @@ def test_the_policies_benchmark_routes_as_the_router_does_and_restricts_as_it_sa
     assert router(p, nll, 1.01, 0.0)[0] == "code" and router(p, nll, 1.01, 0.0, w=0.5)[0] == "law"
 
 
+def test_the_routing_benchmark_names_why_each_text_went_to_the_fallback():
+    """bench/routing.py: the `none` class sends a text to the fallback without a second opinion; under its threshold
+    an unsure classifier asks the second opinion, which picks the fallback where it predicts the text best. The
+    benchmark counts each cause apart, per group and form."""
+    from bench.routing import combined, fallback_causes
+
+    nll = {"law": 3.0, "code": 3.2, "generalist": 2.5}  # the fallback predicts this text best
+    routed = (["law", "law", "law", "code"], [0.9, 0.5, 0.9, 0.6], [0.8, 0.1, 0.1, 0.2])  # best, confidence, none
+    chosen, fired = combined(routed, [nll] * 4, below=0.7, margin=0.0, none_threshold=0.3)
+    assert chosen == ["none", "none", "law", "none"] and fired == [False, True, False, True]
+    evaluation = [{"group": "ood-test", "form": "whole"}, {"group": "heldout", "form": "whole"},
+                  {"group": "heldout", "form": "whole"}, {"group": "heldout", "form": "snippet"}]
+    causes = fallback_causes(evaluation, chosen, fired)
+    assert causes["no_domain"]["whole"] == {"none_class": 1.0, "second_opinion": 0.0}
+    assert causes["in_domain"]["whole"] == {"none_class": 0.0, "second_opinion": 0.5}
+    assert causes["in_domain"]["snippet"] == {"none_class": 0.0, "second_opinion": 1.0}
+    assert causes["no_domain"]["snippet"] == {"none_class": None, "second_opinion": None}  # no such texts
+
+
 def test_the_prompt_head_holds_the_same_first_tokens_as_the_whole_prompt(tmp_path):
     """LikelihoodScorer.ids encodes only the start of a prompt that holds its first tokens; they must be the
     tokens the whole prompt's encoding begins with, at every limit, on every domain's corpus text (Japanese has
