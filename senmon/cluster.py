@@ -71,7 +71,8 @@ def ray_start_environment(config: SenmonConfig, uid: int | None = None) -> dict[
     Ray reads these when Serve starts, in every process of the node, so they cannot be set later. With
     HAProxy, its stats and metrics ports are the config's, and its files live in a directory of the node
     user's own (Ray's default, /tmp/haproxy-serve, belongs to whichever user made it first), named by user
-    id: Ray adds the node id (56 characters) and HAProxy takes socket paths of at most 97."""
+    id: Ray adds the node id (56 characters) and HAProxy takes socket paths of at most 97. A stopping router
+    replica drains after `serve.haproxy_drain_s`, not Ray's 30 s."""
     if config.serve.ingress != "haproxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     base = Path(f"/tmp/senmon-haproxy-{os.getuid() if uid is None else uid}")
@@ -84,6 +85,7 @@ def ray_start_environment(config: SenmonConfig, uid: int | None = None) -> dict[
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{config.serve.haproxy_drain_s:g}",
     }
 
 

@@ -388,6 +388,12 @@ class ServeConfig(_Strict):
                              "every interface.")
     haproxy_stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy's stats page (ingress: haproxy).")
     haproxy_metrics_port: int = Field(9101, ge=1, le=65535, description="HAProxy's metrics (ingress: haproxy).")
+    haproxy_drain_s: float = Field(
+        5.0, ge=0, description="With ingress: haproxy, how long a stopping router replica keeps taking requests "
+                               "before it drains (Ray's RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, 30 s by "
+                               "default, a window for load balancers that target replicas; here HAProxy on the node "
+                               "is told within a second and retries a refused connection). It is the floor of every "
+                               "Serve shutdown: 30 s made `senmon down` take about 35 s.")
 
 
 class SchedulerConfig(_Strict):

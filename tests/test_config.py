@@ -187,6 +187,7 @@ def test_haproxy_ingress_is_for_clusters_and_sets_what_ray_start_reads(make_conf
     env = ray_start_environment(cluster, uid=12345)
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5"  # not Ray's 30 s: every shutdown waits it
     paths = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
     assert len(paths) == 5 and all(p.startswith("/tmp/senmon-haproxy-12345") for p in paths), env
     assert max(len(p) for p in paths) + 1 + 56 <= 97  # with Ray's node id inside: HAProxy's longest socket path
