@@ -377,7 +377,10 @@ class ServeConfig(_Strict):
         0.02, gt=0, description="Largest difference in a probe prompt's log-probabilities between an engine and "
                                 "the training job's reference for the weights to count as loaded (float32 here; "
                                 "raise it for bf16/fp16 engines).")
-    engine_poll_s: float = Field(0.25, gt=0, description="How often an engine replica checks for new weights.")
+    engine_poll_s: float = Field(
+        1.0, gt=0, le=2.0, description="An engine replica long-polls the serving table for new weights: the table "
+                                       "answers at once when there are some, else after this long, the replica's "
+                                       "heartbeat (at most 2 s: the table takes a replica silent for 3 s for gone).")
     ingress: Literal["proxy", "haproxy"] = Field(
         "proxy", description="Ray Serve's HTTP front door. 'proxy': Serve's Python proxy actor. 'haproxy': Ray's "
                              "HAProxy ingress, which forwards to the router replica's own HTTP server (router over "

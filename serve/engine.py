@@ -8,8 +8,9 @@ with three additions:
   old weights, reloads, verifies, and opens it again. No request ever mixes two versions, and
   each answer carries the version that produced it (`senmon_version`, which the router turns
   into `senmon.version` and `x-senmon-version`).
-- **Weights from the serving table.** Each replica polls the serving table (serve/table.py)
-  every `serve.engine_poll_s` for its application's entry. When the entry names other weights
+- **Weights from the serving table.** Each replica long-polls the serving table (serve/table.py,
+  `engine_wait`) for its application's entry: the table answers as soon as the entry names other
+  weights, and otherwise after `serve.engine_poll_s` (the replica's heartbeat). When the entry names other weights
   (a promotion or a rollback of a same-architecture version, serve/swap.py), the replica loads
   them with vLLM's own in-place reload (`reload_weights`, the RL weight-update path, plus the
   CPU fix in serve/reload.py), resets the prefix cache and verifies. It reports what it serves back to the table, which is how the swap
@@ -253,24 +254,30 @@ class SenmonLLMServer(LLMServer):
                 "refused": {str(v): r for v, r in self._refused.items()}, "broken": self._broken,
                 "inflight": self._inflight, "last_swap": self._last_swap}
 
-    async def _sync(self) -> None:
+    async def _sync(self, wait_s: float = 0.0) -> None:
+        """Ask the table for this application's entry (with `wait_s`, a long poll that answers at once when the
+        entry names other weights, else when the table changes or `wait_s` has passed) and move to it."""
         if self._table is None:
             from senmon.serve.table import get_or_create_table
 
             self._table = get_or_create_table(self._senmon["table"], self._senmon.get("namespace"),
                                                self._senmon.get("storage_root"))
-        target = await self._table.engine_poll.remote(self._replica, self._senmon["app"], self._report())
+        if wait_s > 0:
+            target = await self._table.engine_wait.remote(self._replica, self._senmon["app"], self._report(), wait_s)
+        else:
+            target = await self._table.engine_poll.remote(self._replica, self._senmon["app"], self._report())
         if target and target.get("version") is not None and target["version"] != self._weights["version"] \
                 and target["version"] not in self._refused:
             await self.swap_weights(target)
             await self._table.engine_poll.remote(self._replica, self._senmon["app"], self._report())
 
     async def _poll_forever(self) -> None:
+        wait_s = float(self._senmon.get("poll_s", 1.0))
         while True:
-            await asyncio.sleep(float(self._senmon.get("poll_s", 0.25)))
             try:
-                await self._sync()
+                await self._sync(wait_s)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("polling the serving table failed")
+                await asyncio.sleep(wait_s)  # the table restarting, say: not a busy loop

@@ -4,7 +4,7 @@
 serving: every retrain from the serving version, every branched specialist, every rollback
 between them). The driver first checks the new checkpoint's files against the reference the
 training job stored (train/reference.py) and refuses a checkpoint changed since. Then it points the model's table entry at the new weights, keeping the
-application. Each engine replica (serve/engine.py) sees the entry within `serve.engine_poll_s`,
+application. Each engine replica (serve/engine.py) hears of the entry at once (a long poll on the table),
 holds new requests, lets running ones finish, reloads the weights inside its running vLLM
 engine, verifies them through the engine and reports. The swap is done when every live replica
 reports the new version. A replica that cannot verify goes back to the old weights by itself;

@@ -7,8 +7,8 @@ a pointer, `serve/swap.py` waits until every live router replica runs on the new
 has a request left on the old application, and only then deletes the old one.
 
 Entries: `{model: {"app", "version", "path", "reference"}}`. After an in-place swap an application
-keeps its name and serves another version: engine replicas poll `engine_poll` for their
-application's entry and load the weights it names (serve/engine.py). The actor is detached and named
+keeps its name and serves another version: engine replicas long-poll `engine_wait` for their
+application's entry (answered at once when it names new weights) and load the weights it names (serve/engine.py). The actor is detached and named
 (`<app_name>-table`) so the router, the swap code and the admin endpoints all find it.
 
 **Surviving a crash.** Created with a storage root (`get_or_create_table(app, namespace, storage_root)`),
@@ -28,7 +28,7 @@ replicas fetch the same table again.
 What a restart loses, by design: the router replicas' heartbeats and in-flight counts (each replica
 polls again within ~0.2 s; a restarted table calls no drain done for `LIVE_S`, so none ends on the
 empty heartbeats), the engine replicas'
-reports (re-sent every `serve.engine_poll_s`), the admin swap states followed by id (`swap_state` no
+reports (re-sent at least every `serve.engine_poll_s`), the admin swap states followed by id (`swap_state` no
 longer knows an id recorded before) and the guard of the swaps in progress (a swap driver that survives
 keeps going, and a second swap of the same model could start meanwhile). Without a storage root the
 table lives in memory only and is not restarted, as before.
@@ -37,6 +37,7 @@ table lives in memory only and is not restarted, as before.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import ray
@@ -44,6 +45,8 @@ import ray
 from senmon.storage import filesystem, read_bytes, write_atomic
 
 LIVE_S = 3.0  # a router replica that has not polled for this long is gone
+WAIT_GROUP = "engine-wait"  # the concurrency group of `engine_wait`: each long poll holds a thread of its own
+WAIT_THREADS = 64  # long polls at once; more engine replicas than this queue for a thread, up to one wait each
 
 
 def _own_actor_id() -> str | None:
@@ -63,6 +66,10 @@ class ServingTable:
         self.swapping: dict[str, str | None] = {}  # model -> who swaps it (see begin_swap)
         self.routing_gen = 0  # bumped to make every router replica reload the routing model
         self.settle_until = 0.0  # a restarted table does not call a drain done before this (see `drained`)
+        # Every method runs on the actor's one default thread except `engine_wait`, which runs in WAIT_GROUP's
+        # threads: it reads `entries` and `epoch` (replaced, never changed in place) and shares `engines` under
+        # this condition's lock, which `_commit` notifies.
+        self.changed = threading.Condition()
         self.fs, self.path = None, None
         self.actor_id = _own_actor_id()
         if storage_root:
@@ -86,7 +93,9 @@ class ServingTable:
             payload = {"format": 1, "actor_id": self.actor_id, "epoch": epoch, "routing_gen": routing_gen,
                        "entries": entries}
             write_atomic(self.fs, self.path, json.dumps(payload, indent=1, ensure_ascii=False).encode("utf-8"))
-        self.entries, self.epoch, self.routing_gen = entries, epoch, routing_gen
+        with self.changed:
+            self.entries, self.epoch, self.routing_gen = entries, epoch, routing_gen
+            self.changed.notify_all()
         return epoch
 
     # ----------------------------------------------------------------- pointers
@@ -131,18 +140,34 @@ class ServingTable:
     def engine_poll(self, replica: str, app: str, report: dict) -> dict | None:
         """An engine replica's heartbeat with what it serves; returns its application's entry (the
         weights it should serve), or None when no model points at that application."""
-        self.engines[replica] = {**report, "app": app, "seen": time.monotonic()}
-        for entry in self.entries.values():
-            if entry.get("app") == app:
-                return dict(entry)
-        return None
+        with self.changed:
+            self.engines[replica] = {**report, "app": app, "seen": time.monotonic()}
+        return _entry_of(self.entries, app)
+
+    @ray.method(concurrency_group=WAIT_GROUP)
+    def engine_wait(self, replica: str, app: str, report: dict, timeout_s: float) -> dict | None:
+        """`engine_poll` as a long poll: while the entry names the version the replica serves (or one it
+        refused), wait up to `timeout_s` for the table to change, then answer with the entry as it is then. So a
+        replica hears of new weights at once, and otherwise calls about once per `timeout_s` (its heartbeat)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self.changed:
+            self.engines[replica] = {**report, "app": app, "seen": time.monotonic()}
+            epoch = self.epoch
+            entry = _entry_of(self.entries, app)
+            if _news(entry, report):
+                return entry
+            self.changed.wait_for(lambda: self.epoch != epoch, timeout=max(0.0, deadline - time.monotonic()))
+            self.engines[replica]["seen"] = time.monotonic()
+            return _entry_of(self.entries, app)
 
     def engine_reports(self, app: str) -> list[dict]:
         """What each live replica of `app` reports serving (version, refusals, last swap)."""
         now = time.monotonic()
-        for replica in [r for r, s in self.engines.items() if now - s["seen"] > 10 * LIVE_S]:
-            del self.engines[replica]  # long gone
-        return [{**s, "replica": r} for r, s in self.engines.items() if s["app"] == app and now - s["seen"] < LIVE_S]
+        with self.changed:
+            for replica in [r for r, s in self.engines.items() if now - s["seen"] > 10 * LIVE_S]:
+                del self.engines[replica]  # long gone
+            return [{**s, "replica": r} for r, s in self.engines.items()
+                    if s["app"] == app and now - s["seen"] < LIVE_S]
 
     # ----------------------------------------------------------------- admin swaps followed by id
 
@@ -172,6 +197,21 @@ class ServingTable:
         return True
 
 
+def _entry_of(entries: dict[str, dict], app: str) -> dict | None:
+    """The entry of the model that `app` serves (a copy), or None when no model points at it."""
+    for entry in entries.values():
+        if entry.get("app") == app:
+            return dict(entry)
+    return None
+
+
+def _news(entry: dict | None, report: dict) -> bool:
+    """Whether `entry` asks the replica that sent `report` for weights it has neither loaded nor refused."""
+    if entry is None or entry.get("version") is None:
+        return False
+    return entry["version"] != report.get("version") and str(entry["version"]) not in report.get("refused", {})
+
+
 def table_name(app_name: str) -> str:
     return f"{app_name}-table"
 
@@ -181,7 +221,7 @@ def get_or_create_table(app_name: str, namespace: str | None = None, storage_roo
     after a crash, retrying the calls in flight; without, it lives in memory only and is not restarted.
     Whoever creates it decides, so every caller passes the storage root."""
     durable = {"max_restarts": -1, "max_task_retries": -1} if storage_root else {}
-    return ray.remote(ServingTable).options(
+    return ray.remote(concurrency_groups={WAIT_GROUP: WAIT_THREADS})(ServingTable).options(
         name=table_name(app_name), namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
         max_concurrency=1, **durable,
     ).remote(storage_root, app_name)

@@ -136,6 +136,23 @@ def test_a_swap_guard_is_taken_over_only_by_its_own_holder():
     assert table.begin_swap("law") and not table.begin_swap("law") and not table.begin_swap("law", "run:law-1")
 
 
+def test_engines_long_poll_does_not_hold_up_the_tables_other_calls(ray_local, tmp_path):
+    """On the real actor, `engine_wait` runs in its own concurrency group: a replica waiting for news does not
+    block the calls that make the news, and hears of them at once."""
+    from senmon.serve.table import get_or_create_table
+
+    table = get_or_create_table(f"wait-{uuid.uuid4().hex[:8]}", storage_root=str(tmp_path / "storage"))
+    ray.get(table.set.remote("law", {"app": "w-law-v1", "version": 1, "path": "/m/1"}))
+    waits = [table.engine_wait.remote(f"r{i}", "w-law-v1", {"version": 1, "refused": {}}, 60) for i in range(3)]
+    time.sleep(1.0)  # the three are waiting now
+    started = time.monotonic()
+    ray.get(table.set.remote("law", {"app": "w-law-v1", "version": 2, "path": "/m/2"}), timeout=30)
+    answers = ray.get(waits, timeout=30)
+    assert [a["version"] for a in answers] == [2, 2, 2] and time.monotonic() - started < 10
+    assert sorted(r["replica"] for r in ray.get(table.engine_reports.remote("w-law-v1"))) == ["r0", "r1", "r2"]
+    ray.kill(table, no_restart=True)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 

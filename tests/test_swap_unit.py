@@ -50,6 +50,32 @@ def test_table_tells_each_engine_its_applications_weights_and_collects_reports()
     assert [r["replica"] for r in table.engine_reports("s-law-v1")] == ["r2"]
 
 
+def test_engine_wait_answers_at_once_with_news_and_otherwise_when_the_table_changes():
+    """The engines' long poll: new weights (not loaded, not refused) are answered at once; otherwise the call
+    waits until any change of the table or its timeout, and counts as a heartbeat either way."""
+    import threading
+
+    table = ServingTable()
+    table.set("law", {"app": "s-law-v1", "version": 2, "path": "/m/2"})
+    started = time.monotonic()
+    assert table.engine_wait("r1", "s-law-v1", {"version": 1, "refused": {}}, 30)["version"] == 2  # news: at once
+    assert time.monotonic() - started < 1
+
+    timer = threading.Timer(0.3, table.set, ("law", {"app": "s-law-v1", "version": 3, "path": "/m/3"}))
+    timer.start()
+    started = time.monotonic()
+    answer = table.engine_wait("r1", "s-law-v1", {"version": 2, "refused": {}}, 30)  # serves v2: nothing new yet
+    waited = time.monotonic() - started
+    timer.join()
+    assert answer["version"] == 3 and 0.25 <= waited < 5, (answer, waited)
+
+    started = time.monotonic()  # a version it refused is no news: wait out the timeout, then the entry as it is
+    assert table.engine_wait("r1", "s-law-v1", {"version": 2, "refused": {"3": "probe mismatch"}}, 0.3)["version"] == 3
+    assert 0.25 <= time.monotonic() - started < 5
+    assert table.engine_wait("r9", "s-law-v7", {"version": 7, "refused": {}}, 0.05) is None  # no model points there
+    assert sorted(r["replica"] for r in table.engine_reports("s-law-v1")) == ["r1"]  # each wait was a heartbeat
+
+
 def _checkpoint(directory, hidden: int, tokenizer: str = "tok"):
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps({"hidden_size": hidden, "_name_or_path": str(directory),
