@@ -312,8 +312,8 @@ def cmd_down(args, config: SenmonConfig) -> int:
         wait_gone(state["pid"], 30)
 
     os.kill(state["pid"], signal.SIGTERM)
-    print(f"stopping senmon (pid {state['pid']}); it stops its parts in order (with HAProxy, Serve alone takes 30 s)",
-          flush=True)
+    print(f"stopping senmon (pid {state['pid']}); it stops its parts in order (with HAProxy, Serve waits "
+          "serve.haproxy_drain_s for the router replicas)", flush=True)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline and _running(config):
         time.sleep(0.5)

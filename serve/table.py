@@ -8,8 +8,9 @@ has a request left on the old application, and only then deletes the old one.
 
 Entries: `{model: {"app", "version", "path", "reference"}}`. After an in-place swap an application
 keeps its name and serves another version: engine replicas long-poll `engine_wait` for their
-application's entry (answered at once when it names new weights) and load the weights it names (serve/engine.py). The actor is detached and named
-(`<app_name>-table`) so the router, the swap code and the admin endpoints all find it.
+application's entry (answered at once when it names new weights) and load the weights it names
+(serve/engine.py). The actor is detached and named (`<app_name>-table`) so the router, the swap code
+and the admin endpoints all find it.
 
 **Surviving a crash.** Created with a storage root (`get_or_create_table(app, namespace, storage_root)`),
 the table writes its pointers, the epoch and the routing generation to

@@ -332,8 +332,8 @@ def test_ray_up_runs_the_cluster_commands_end_to_end(node, tmp_path):
                     launcher_env, log, 120)
             except AssertionError as error:
                 down_error = error
-            # `senmon down` returns once `senmon up` has stopped (Serve's shutdown with HAProxy takes its 30 s),
-            # not when it starts stopping
+            # `senmon down` returns once `senmon up` has stopped (with HAProxy, Serve's shutdown waits
+            # serve.haproxy_drain_s), not when it starts stopping
             deadline = time.monotonic() + 5  # the record goes just before the process exits
             while (up_after_down := [p for p in user_processes(USER) if "up --cluster" in p and "python" in p.split()[1]]) \
                     and time.monotonic() < deadline:
