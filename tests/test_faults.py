@@ -143,12 +143,14 @@ def test_engines_long_poll_does_not_hold_up_the_tables_other_calls(ray_local, tm
 
     table = get_or_create_table(f"wait-{uuid.uuid4().hex[:8]}", storage_root=str(tmp_path / "storage"))
     ray.get(table.set.remote("law", {"app": "w-law-v1", "version": 1, "path": "/m/1"}))
-    waits = [table.engine_wait.remote(f"r{i}", "w-law-v1", {"version": 1, "refused": {}}, 60) for i in range(3)]
+    # each waits up to 120 s; a table that ran them on its one default thread would answer the `set` only after
+    # all three had timed out (360 s), so the bounds below (generous for a loaded host) tell the two apart
+    waits = [table.engine_wait.remote(f"r{i}", "w-law-v1", {"version": 1, "refused": {}}, 120) for i in range(3)]
     time.sleep(1.0)  # the three are waiting now
     started = time.monotonic()
-    ray.get(table.set.remote("law", {"app": "w-law-v1", "version": 2, "path": "/m/2"}), timeout=30)
-    answers = ray.get(waits, timeout=30)
-    assert [a["version"] for a in answers] == [2, 2, 2] and time.monotonic() - started < 10
+    ray.get(table.set.remote("law", {"app": "w-law-v1", "version": 2, "path": "/m/2"}), timeout=60)
+    answers = ray.get(waits, timeout=60)
+    assert [a["version"] for a in answers] == [2, 2, 2] and time.monotonic() - started < 60
     assert sorted(r["replica"] for r in ray.get(table.engine_reports.remote("w-law-v1"))) == ["r0", "r1", "r2"]
     ray.kill(table, no_restart=True)
 

@@ -67,11 +67,11 @@ def test_engine_wait_answers_at_once_with_news_and_otherwise_when_the_table_chan
     answer = table.engine_wait("r1", "s-law-v1", {"version": 2, "refused": {}}, 30)  # serves v2: nothing new yet
     waited = time.monotonic() - started
     timer.join()
-    assert answer["version"] == 3 and 0.25 <= waited < 5, (answer, waited)
+    assert answer["version"] == 3 and 0.25 <= waited < 20, (answer, waited)  # woken by the change, not the 30 s
 
     started = time.monotonic()  # a version it refused is no news: wait out the timeout, then the entry as it is
     assert table.engine_wait("r1", "s-law-v1", {"version": 2, "refused": {"3": "probe mismatch"}}, 0.3)["version"] == 3
-    assert 0.25 <= time.monotonic() - started < 5
+    assert 0.25 <= time.monotonic() - started < 20
     assert table.engine_wait("r9", "s-law-v7", {"version": 7, "refused": {}}, 0.05) is None  # no model points there
     assert sorted(r["replica"] for r in table.engine_reports("s-law-v1")) == ["r1"]  # each wait was a heartbeat
 
