@@ -34,6 +34,7 @@ from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.llm._internal.common.utils.cloud_utils import is_remote_path
 from ray.serve.llm import LLMServer
 
+from senmon.serve.table import names_new_weights
 from senmon.train.reference import compare
 
 log = logging.getLogger("ray.serve")
@@ -266,8 +267,7 @@ class SenmonLLMServer(LLMServer):
             target = await self._table.engine_wait.remote(self._replica, self._senmon["app"], self._report(), wait_s)
         else:
             target = await self._table.engine_poll.remote(self._replica, self._senmon["app"], self._report())
-        if target and target.get("version") is not None and target["version"] != self._weights["version"] \
-                and target["version"] not in self._refused:
+        if names_new_weights(target, self._report()):
             await self.swap_weights(target)
             await self._table.engine_poll.remote(self._replica, self._senmon["app"], self._report())
 

@@ -155,7 +155,7 @@ class ServingTable:
             self.engines[replica] = {**report, "app": app, "seen": time.monotonic()}
             epoch = self.epoch
             entry = _entry_of(self.entries, app)
-            if _news(entry, report):
+            if names_new_weights(entry, report):
                 return entry
             self.changed.wait_for(lambda: self.epoch != epoch, timeout=max(0.0, deadline - time.monotonic()))
             self.engines[replica]["seen"] = time.monotonic()
@@ -206,7 +206,7 @@ def _entry_of(entries: dict[str, dict], app: str) -> dict | None:
     return None
 
 
-def _news(entry: dict | None, report: dict) -> bool:
+def names_new_weights(entry: dict | None, report: dict) -> bool:
     """Whether `entry` asks the replica that sent `report` for weights it has neither loaded nor refused."""
     if entry is None or entry.get("version") is None:
         return False
